@@ -1,0 +1,208 @@
+"""CLIP2SAM: the FPN over CLIP's maps and the OVSAM head (SAM's mask decoder plus RoI recognition).
+
+State-dict keys follow the official release: the FPN is mmdet's (`lateral_convs.i.conv`,
+`fpn_convs.i.conv`, saved under `fpn_neck.`), the head is `OVSAMHead` (saved under `mask_decoder.`):
+`mask_decoder.*` (SAM's decoder with one mask token and no IoU head), `label_token`, `label_mlp`, `roi_conv`.
+
+The head runs once per prompt against an image embedding computed once per image: prompts from several
+images can share a call through `image_index`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
+from segment_anything.modeling.transformer import TwoWayTransformer
+from torch import nn
+from torchvision.ops import roi_align
+
+from .clip_tower import CLIP_STRIDES
+from .config import DecoderConfig
+
+# Mask logits are thresholded at 0 (sigmoid > 0.5) for the boxes RoIs are taken from and for final masks.
+MASK_LOGIT_THRESHOLD = 0.0
+# The release's log logit scale; exp is taken in float32 (100.00298...), a constant of the checkpoint.
+LOGIT_SCALE_LOG = 4.6052
+# mmdet's SingleRoIExtractor adds this before the floor so exact powers of two land on the higher level.
+LEVEL_MAPPING_EPS = 1e-6
+
+
+class _Conv(nn.Module):
+    """A conv under the attribute name `conv`, matching mmcv ConvModule's keys (`*.conv.weight`)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class FPN(nn.Module):
+    """mmdet FPN with its defaults: 1x1 laterals, nearest top-down sums, 3x3 outputs; no norm, no act."""
+
+    def __init__(self, in_channels: tuple[int, ...], out_channels: int) -> None:
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(_Conv(nn.Conv2d(c, out_channels, 1)) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(
+            _Conv(nn.Conv2d(out_channels, out_channels, 3, padding=1)) for _ in in_channels
+        )
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Four [B, C_i, H_i, W_i] maps -> four [B, out_channels, H_i, W_i] maps (same strides)."""
+        laterals = [conv(x) for conv, x in zip(self.lateral_convs, maps)]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[2:], mode="nearest"
+            )
+        return [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
+
+
+class MultiLevelRoIAlign(nn.Module):
+    """mmdet SingleRoIExtractor: each RoI is aligned on the FPN level that matches its scale."""
+
+    def __init__(self, output_size: int, finest_scale: float, strides: tuple[int, ...] = CLIP_STRIDES) -> None:
+        super().__init__()
+        self.output_size = output_size
+        self.finest_scale = finest_scale
+        self.strides = strides
+
+    def levels(self, rois: torch.Tensor) -> torch.Tensor:
+        """rois [N, 5] (batch index, x1, y1, x2, y2) -> [N] level index (0 = stride 4)."""
+        scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+        level = torch.floor(torch.log2(scale / self.finest_scale + LEVEL_MAPPING_EPS))
+        return level.clamp(min=0, max=len(self.strides) - 1).long()
+
+    def forward(self, feats: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """feats: four [B, C, H_i, W_i]; rois [N, 5] in input pixels -> [N, C, size, size]."""
+        if levels is None:
+            levels = self.levels(rois)
+        out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], self.output_size, self.output_size)
+        for level, (feat, stride) in enumerate(zip(feats, self.strides)):
+            chosen = (levels == level).nonzero(as_tuple=True)[0]
+            if chosen.numel():
+                out[chosen] = roi_align(feat, rois[chosen].to(feat.dtype), self.output_size,
+                                        spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
+        return out
+
+
+class SingleMaskDecoder(MaskDecoder):
+    """segment_anything's MaskDecoder with one mask token and without the IoU token and IoU head.
+
+    The release drops them (`with_iou=False`): the label token takes the IoU token's slot in the
+    transformer, and no mask-quality score is predicted.
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        transformer = TwoWayTransformer(
+            depth=config.depth, embedding_dim=config.dim, mlp_dim=config.mlp_dim, num_heads=config.num_heads
+        )
+        super().__init__(transformer_dim=config.dim, transformer=transformer, num_multimask_outputs=0)
+        del self.iou_token
+        del self.iou_prediction_head
+
+
+@dataclass
+class HeadOutput:
+    low_res_masks: torch.Tensor  # [N, 1, 4g, 4g] mask logits on the 256 grid (for a 1024 input)
+    label_tokens: torch.Tensor  # [N, dim] the label token after the transformer
+    mask_boxes: torch.Tensor  # [N, 4] boxes of the predicted masks in the input frame (zeros if empty)
+    roi_embeddings: torch.Tensor  # [N, E] RoI features projected to CLIP's embedding space
+
+
+class OVSAMHead(nn.Module):
+    def __init__(self, config: DecoderConfig, clip_embed_dim: int) -> None:
+        super().__init__()
+        self.mask_decoder = SingleMaskDecoder(config)
+        self.label_token = nn.Embedding(1, config.dim)
+        # Loaded and kept for checkpoint compatibility, but unused: the released forward multiplies its
+        # output by zero, so it never influences a prediction.
+        self.label_mlp = MLP(config.dim, config.dim, clip_embed_dim, 3)
+        self.roi_conv = nn.Sequential(_Conv(nn.Conv2d(config.dim, clip_embed_dim, 1, bias=False)), nn.ReLU())
+        self.roi_extractor = MultiLevelRoIAlign(config.roi_size, config.finest_scale)
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompts: torch.Tensor,
+        dense_prompts: torch.Tensor,
+        image_index: torch.Tensor,
+        fpn_feats: list[torch.Tensor],
+        input_size: int,
+    ) -> HeadOutput:
+        """Decode N prompts against B image embeddings.
+
+        image_embeddings: [B, dim, g, g]; image_pe: [1, dim, g, g]; sparse_prompts: [N, T, dim];
+        dense_prompts: [N, dim, g, g]; image_index: [N] int64, the image of each prompt;
+        fpn_feats: four [B, dim, H_i, W_i]; input_size: side S of the model input.
+        """
+        decoder = self.mask_decoder
+        n = sparse_prompts.shape[0]
+        queries = torch.cat([self.label_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([queries.unsqueeze(0).expand(n, -1, -1), sparse_prompts], dim=1)
+        src = image_embeddings[image_index] + dense_prompts
+        pos = image_pe.expand(n, -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = decoder.transformer(src, pos, tokens)
+        label_tokens, mask_token = hs[:, 0, :], hs[:, 1, :]
+
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = decoder.output_hypernetworks_mlps[0](mask_token).unsqueeze(1)
+        _, uc, uh, uw = upscaled.shape
+        low_res_masks = (hyper @ upscaled.reshape(n, uc, uh * uw)).reshape(n, 1, uh, uw)
+
+        mask_boxes = masks_to_boxes(low_res_masks[:, 0] > MASK_LOGIT_THRESHOLD) * (input_size / uh)
+        rois = torch.cat([image_index[:, None].to(mask_boxes.dtype), mask_boxes], dim=1)
+        roi_feats = self.roi_extractor(fpn_feats, rois)
+        # Width then height, as the release reduces; a joint mean differs in the last bits.
+        roi_embeddings = self.roi_conv(roi_feats).mean(-1).mean(-1)
+        return HeadOutput(low_res_masks, label_tokens, mask_boxes, roi_embeddings)
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """[N, H, W] bool -> [N, 4] float (x_min, y_min, x_max + 1, y_max + 1) in mask pixels; zeros if empty."""
+    n, h, w = masks.shape
+    if n == 0:
+        return masks.new_zeros((0, 4), dtype=torch.float32)
+    rows = masks.any(dim=2)
+    cols = masks.any(dim=1)
+    ys = torch.arange(h, device=masks.device)
+    xs = torch.arange(w, device=masks.device)
+    y_min = torch.where(rows, ys, h).amin(dim=1)
+    y_max = torch.where(rows, ys, -1).amax(dim=1)
+    x_min = torch.where(cols, xs, w).amin(dim=1)
+    x_max = torch.where(cols, xs, -1).amax(dim=1)
+    boxes = torch.stack([x_min, y_min, x_max + 1, y_max + 1], dim=1).float()
+    return torch.where(rows.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
+
+
+def logit_scale() -> torch.Tensor:
+    return torch.tensor(LOGIT_SCALE_LOG, dtype=torch.float32).exp()
+
+
+def classify(embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """Cosine classifier of the release: max over prototypes, scaled, with a background column of 0.
+
+    embeddings: [N, E]; class_embeddings: [K, P, E] unit-norm prototypes.
+    Returns [N, K + 1] logits, the last column is background (its embedding is zero, so its logit is 0).
+    """
+    normalised = F.normalize(embeddings.float(), dim=-1)
+    k, p, e = class_embeddings.shape
+    with_background = torch.cat([class_embeddings, class_embeddings.new_zeros(1, p, e)], dim=0)
+    similarity = torch.einsum("ne,kpe->nkp", normalised, with_background.to(normalised))
+    return similarity.amax(dim=-1) * logit_scale().to(normalised.device)
+
+
+def clip_region_valid(coarse_mask_logits: torch.Tensor) -> torch.Tensor:
+    """[N, 1, h, w] mask logits at CLIP's stride-32 resolution -> [N] bool: positive somewhere.
+
+    Where a mask has no positive logit there, the release ignores the CLIP logits of that prompt
+    (alpha = beta = 0).
+    """
+    return (coarse_mask_logits > MASK_LOGIT_THRESHOLD).flatten(1).any(dim=1)
+

@@ -1,0 +1,35 @@
+"""`ovsam-batch eval`: the paper's metrics of a `label` run against COCO-format ground truth."""
+
+from __future__ import annotations
+
+import click
+
+from jobs import eval as evaluation
+
+
+@click.command("eval")
+@click.argument("outputs")
+@click.option("--gt", "ground_truth", required=True, help="COCO instances JSON (local path or URL) of the same images.")
+@click.option(
+    "--split",
+    default=None,
+    help='Base/novel split: a JSON file {"base": [names], "novel": [names]} (local path or URL).',
+)
+def main(outputs: str, ground_truth: str, split: str | None) -> None:
+    """Evaluate the label outputs under OUTPUTS (the --output of `ovsam-batch label`).
+
+    Box- or point-prompted runs: mean mask IoU and recognition accuracy, overall, per class and
+    base/novel with --split. Automatic runs: COCO mask AP. Prints a table and writes OUTPUTS/eval.json.
+    """
+    try:
+        config = evaluation.EvalConfig(
+            outputs=outputs,
+            ground_truth=ground_truth,
+            split=evaluation.load_split(split) if split else None,
+        )
+        report = evaluation.evaluate(config)
+        path = evaluation.write_report(report, outputs)
+    except evaluation.EvalError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(evaluation.format_report(report))
+    click.echo(f"wrote {path}")

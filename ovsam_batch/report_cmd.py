@@ -1,0 +1,37 @@
+"""`ovsam-batch report`: one self-contained HTML page about a `label` run."""
+
+from __future__ import annotations
+
+import click
+
+from pipelines.viz.reading import VizError
+from pipelines.viz.report import ReportConfig, write_report
+
+
+@click.command("report")
+@click.argument("output")
+@click.option("--out", "out_file", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="Local HTML file to write.")
+@click.option("--top", "top_labels", default=25, show_default=True, type=click.IntRange(min=1),
+              help="Labels shown as bars; the rest are summed as 'other (long tail)'.")
+@click.option("--gallery-labels", default=12, show_default=True, type=click.IntRange(min=1),
+              help="Most frequent labels that get a gallery.")
+@click.option("--per-label", default=6, show_default=True, type=click.IntRange(min=1),
+              help="Sampled objects per label in the gallery.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the gallery sample.")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS).")
+def main(output: str, out_file: str, top_labels: int, gallery_labels: int, per_label: int, seed: int,
+         endpoint_url: str | None) -> None:
+    """Write an HTML report of OUTPUT (the --output of `ovsam-batch label`, local or s3://).
+
+    Run summary, label histogram, score and mask-area distributions, a gallery per label, the errors,
+    and the metrics of `ovsam-batch eval` when OUTPUT/eval.json exists. The page is one file that
+    needs no network: pictures and charts are embedded.
+    """
+    try:
+        config = ReportConfig(output=output, out_file=out_file, top_labels=top_labels, gallery_labels=gallery_labels,
+                              per_label=per_label, seed=seed, endpoint_url=endpoint_url)
+        path = write_report(config)
+    except VizError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"wrote {path}")
