@@ -9,10 +9,13 @@
 
 from .config import OVSAMConfig, load_config, preset_names
 from .errors import OVSAMError, PromptError, VocabularyError, WeightsError
+from .automatic import AutomaticConfig, AutomaticLabeller
 from .model import OVSAM, build_model, load_model, release_state_dicts, save_model
+from .predictor import Prediction, Predictor
 from .vocabulary import Vocabulary, embed_vocabulary
 
 __all__ = [
+    "AutomaticConfig", "AutomaticLabeller", "Prediction", "Predictor",
     "OVSAM", "OVSAMConfig", "OVSAMError", "PromptError", "Vocabulary", "VocabularyError", "WeightsError",
     "build_model", "embed_vocabulary", "load_config", "load_model", "preset_names", "release_state_dicts",
     "save_model",

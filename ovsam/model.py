@@ -62,6 +62,13 @@ class Decoded:
     clip_logits: torch.Tensor  # [N, K + 1] CLIP logits
     fused_logits: torch.Tensor  # [N, K + 1] fused log-probabilities
 
+    def select(self, index: torch.Tensor) -> "Decoded":
+        return Decoded(*(getattr(self, name)[index] for name in self.__dataclass_fields__))
+
+    @staticmethod
+    def concat(parts: list["Decoded"]) -> "Decoded":
+        return Decoded(*(torch.cat([getattr(p, name) for p in parts]) for name in Decoded.__dataclass_fields__))
+
 
 class OVSAM(nn.Module):
     def __init__(self, config: OVSAMConfig) -> None:

@@ -1,0 +1,202 @@
+"""Prompted prediction: set an image once, answer many box or point prompts in batches.
+
+The image embedding (CLIP tower + SAM2CLIP + FPN) is computed once per image; all its prompts go through
+the prompt encoder and the head together, in chunks of `prompt_batch_size`. On CUDA the model runs under
+bf16 autocast, on CPU in float32; always under inference mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .model import OVSAM, Decoded, ImageFeatures
+from .transforms import ImageFrame, preprocess, upscale_masks, validate_boxes, validate_points
+from .vocabulary import Vocabulary, embed_vocabulary
+
+MASK_UPSCALE_CHUNK = 16  # masks upscaled to full resolution at a time: bounds memory on large images
+
+
+@dataclass
+class Prediction:
+    """N objects found in one image, in the original image frame (pixels, origin top-left)."""
+
+    masks: np.ndarray  # [N, H, W] bool
+    boxes: np.ndarray  # [N, 4] float32 xyxy box of each mask (zeros for an empty mask)
+    label_ids: np.ndarray  # [N] int64 index into the vocabulary
+    scores: np.ndarray  # [N] float32 fused probability of the label (background included in the softmax)
+    topk_ids: np.ndarray  # [N, k] int64, most probable classes first
+    topk_probs: np.ndarray  # [N, k] float32
+    background_probs: np.ndarray  # [N] float32 probability that the region is no object of the vocabulary
+    prompt_type: str  # "box", "point" or "grid"
+    prompts: np.ndarray  # [N, 4] xyxy boxes or [N, 2] xy points that produced each object
+
+    def __len__(self) -> int:
+        return len(self.label_ids)
+
+    def select(self, keep: np.ndarray) -> "Prediction":
+        """The objects at indexes (or boolean mask) `keep`."""
+        return Prediction(self.masks[keep], self.boxes[keep], self.label_ids[keep], self.scores[keep],
+                          self.topk_ids[keep], self.topk_probs[keep], self.background_probs[keep],
+                          self.prompt_type, self.prompts[keep])
+
+
+class Predictor:
+    """Answers prompts for images with one model and one vocabulary.
+
+    vocabulary: defaults to the vocabulary the model was trained with (its config), else COCO.
+    top_k: how many ranked labels each object keeps. prompt_batch_size: prompts decoded together.
+    class_embeddings: precomputed [K, P, E] unit-norm embeddings of `vocabulary` (such as the release's
+    class-embedding files); default: embedded with the model's CLIP text tower (cached on disk).
+    """
+
+    def __init__(self, model: OVSAM, vocabulary: Vocabulary | None = None, *, top_k: int = 5,
+                 prompt_batch_size: int = 64, class_embeddings: torch.Tensor | None = None,
+                 cache_dir: Path | None = None) -> None:
+        self.model = model.eval()
+        self.vocabulary = vocabulary or Vocabulary.from_spec(model.config.vocabulary or "coco")
+        self.top_k = min(top_k, len(self.vocabulary))
+        self.prompt_batch_size = prompt_batch_size
+        device = model.device
+        if class_embeddings is not None:
+            if class_embeddings.dim() != 3 or class_embeddings.shape[0] != len(self.vocabulary):
+                raise ValueError(f"class_embeddings must be [K={len(self.vocabulary)}, P, E], "
+                                 f"got {list(class_embeddings.shape)}")
+        else:
+            class_embeddings = embed_vocabulary(
+                self.vocabulary,
+                lambda tokens: model.clip.encode_text(tokens.to(device)),
+                model.clip.tokenize,
+                text_tower_fingerprint=model.text_fingerprint(),
+                cache_dir=cache_dir,
+            )
+        self.class_embeddings = class_embeddings.to(device)
+        seen = self.vocabulary.seen_mask()
+        self.seen = None if seen is None else torch.from_numpy(seen).to(device)
+        self._features: ImageFeatures | None = None
+        self._frame: ImageFrame | None = None
+
+    # -- autocast / inference context ---------------------------------------------------------------
+    def _context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.model.device.type == "cuda":
+            stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+        return stack
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> tuple[ImageFeatures, list[ImageFrame]]:
+        """Embed a batch of RGB uint8 [H, W, 3] images (any sizes) in one forward pass."""
+        inputs, frames = zip(*(preprocess(image, self.model.config.image_size) for image in images))
+        pixels = torch.stack(inputs).to(self.model.device)
+        with self._context():
+            features = self.model.embed_image(pixels)
+        return features, list(frames)
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Compute and keep the embedding of one RGB uint8 [H, W, 3] image (EXIF orientation applied)."""
+        features, frames = self.embed_images([image])
+        self._features, self._frame = features, frames[0]
+
+    def predict(self, *, boxes: np.ndarray | None = None, points: np.ndarray | None = None,
+                point_labels: np.ndarray | None = None, region_boxes: np.ndarray | None = None) -> Prediction:
+        """Objects for box prompts [N, 4] xyxy or point prompts [N, P, 2] xy (labels [N, P], 1 = foreground,
+        0 = background; default all 1), in original-image pixels, against the image of `set_image`.
+
+        region_boxes: [N, 4] xyxy original pixels for CLIP to embed; default: the prompt boxes for box
+        prompts, the boxes of the predicted masks for point prompts.
+        Raises PromptError for a box or point outside the image.
+        """
+        if self._features is None or self._frame is None:
+            raise RuntimeError("call set_image before predict")
+        return self._predict(self._features, self._frame, 0, boxes, points, point_labels, region_boxes)
+
+    def predict_images(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[Prediction]:
+        """Box-prompted prediction for several images: one batched embedding pass, then each image's boxes.
+
+        A PromptError for one image is raised as is; callers that need per-image errors validate boxes
+        first with `transforms.validate_boxes`.
+        """
+        features, frames = self.embed_images(images)
+        return [self._predict(features, frame, i, image_boxes, None, None, None)
+                for i, (frame, image_boxes) in enumerate(zip(frames, boxes))]
+
+    def _predict(self, features: ImageFeatures, frame: ImageFrame, image_row: int, boxes, points, point_labels,
+                 region_boxes) -> Prediction:
+        if (boxes is None) == (points is None):
+            raise ValueError("give either boxes or points")
+        if boxes is not None:
+            prompts = validate_boxes(boxes, frame)
+            prompt_type = "box"
+            if region_boxes is None:
+                region_boxes = prompts
+        else:
+            prompts = validate_points(points, frame)
+            prompt_type = "point"
+        decoded = self.decode(features, frame, image_row, prompts, prompt_type, point_labels, region_boxes)
+        prompt_rows = prompts if prompt_type == "box" else prompts[:, 0, :]
+        return self.to_prediction(decoded, frame, prompt_type, prompt_rows)
+
+    def decode(self, features: ImageFeatures, frame: ImageFrame, image_row: int, prompts: np.ndarray,
+               prompt_type: str, point_labels: np.ndarray | None = None,
+               region_boxes: np.ndarray | None = None) -> Decoded:
+        """Run validated prompts (original pixels) for image row `image_row` of `features`, in chunks."""
+        device = self.model.device
+        chunks = []
+        for start in range(0, len(prompts), self.prompt_batch_size):
+            part = slice(start, start + self.prompt_batch_size)
+            n = len(prompts[part])
+            with self._context():
+                if prompt_type == "box":
+                    sparse, dense = self.model.encode_prompts(
+                        boxes=torch.from_numpy(frame.boxes_to_input(prompts[part])).to(device))
+                else:
+                    labels = None if point_labels is None else torch.as_tensor(point_labels[part], device=device)
+                    sparse, dense = self.model.encode_prompts(
+                        points=torch.from_numpy(frame.points_to_input(prompts[part])).to(device),
+                        point_labels=labels)
+                regions = None if region_boxes is None else \
+                    torch.from_numpy(frame.boxes_to_input(np.asarray(region_boxes)[part])).to(device)
+                index = torch.full((n,), image_row, dtype=torch.int64, device=device)
+                chunks.append(self.model.decode(features, sparse, dense, index, self.class_embeddings,
+                                                region_boxes=regions, seen=self.seen))
+        return Decoded.concat(chunks)
+
+    def to_prediction(self, decoded: Decoded, frame: ImageFrame, prompt_type: str,
+                      prompts: np.ndarray) -> Prediction:
+        """Threshold and upscale masks to the original frame, rank labels (background never wins)."""
+        probs = torch.softmax(decoded.fused_logits.float(), dim=-1)
+        class_probs = probs[:, :-1]
+        topk_probs, topk_ids = class_probs.topk(self.top_k, dim=-1)
+        h, w = frame.original_size
+        masks = np.zeros((len(probs), h, w), dtype=bool)
+        with torch.inference_mode():
+            for start in range(0, len(probs), MASK_UPSCALE_CHUNK):
+                logits = upscale_masks(decoded.low_res_masks[start:start + MASK_UPSCALE_CHUNK], frame)
+                masks[start:start + MASK_UPSCALE_CHUNK] = (logits > 0).cpu().numpy()
+        return Prediction(
+            masks=masks,
+            boxes=mask_boxes_xyxy(masks),
+            label_ids=topk_ids[:, 0].cpu().numpy().astype(np.int64),
+            scores=topk_probs[:, 0].cpu().numpy().astype(np.float32),
+            topk_ids=topk_ids.cpu().numpy().astype(np.int64),
+            topk_probs=topk_probs.cpu().numpy().astype(np.float32),
+            background_probs=probs[:, -1].cpu().numpy().astype(np.float32),
+            prompt_type=prompt_type,
+            prompts=np.asarray(prompts, dtype=np.float32),
+        )
+
+
+def mask_boxes_xyxy(masks: np.ndarray) -> np.ndarray:
+    """[N, H, W] bool -> [N, 4] float32 (x1, y1, x2, y2) with exclusive max edges; zeros for empty masks."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for i, mask in enumerate(masks):
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size:
+            cols = np.flatnonzero(mask.any(axis=0))
+            boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return boxes
