@@ -1,0 +1,148 @@
+"""The model package as a user meets it: presets, loading errors, saving, prompted and automatic prediction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ovsam
+from ovsam.config import ConfigError
+from tests.golden import golden_dir, read_golden
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ovsam.load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny, tmp_path_factory):
+    return ovsam.Predictor(tiny, ovsam.Vocabulary.from_spec("circle,square,triangle"),
+                           cache_dir=tmp_path_factory.mktemp("vocab"))
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+
+
+def test_presets_are_listed_and_tiny_is_marked_untrained(tiny):
+    assert {"tiny", "coco_rn50x16", "lvis_rn50x16"} <= set(ovsam.preset_names())
+    assert tiny.config.trained is False
+    assert ovsam.load_config("coco_rn50x16")[0].trained is True
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown model preset 'nope'.*tiny"):
+        ovsam.load_model("nope")
+
+
+def test_missing_weight_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / "clip2sam_coco_rn50x16.pth"
+    with pytest.raises(ovsam.WeightsError, match="clip2sam_coco_rn50x16.pth"):
+        ovsam.load_model("tiny", weights={"clip2sam": str(missing)})
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    broken = tmp_path / "sam2clip.pth"
+    broken.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ovsam.WeightsError, match="not a readable checkpoint"):
+        ovsam.load_model("tiny", weights={"sam2clip": str(broken)})
+
+
+def test_weights_of_another_configuration_list_the_mismatches():
+    golden = read_golden(golden_dir())
+    with pytest.raises(ovsam.WeightsError) as caught:
+        ovsam.load_model("tiny", weights={"clip2sam": golden.weights["clip2sam"]})
+    message = str(caught.value)
+    assert "clip2sam" in message and "shape" in message
+    assert "fpn_neck" in message and "lateral_convs.0.conv.weight: file [256,32,1,1] vs model [128,64,1,1]" in message
+
+
+def test_saved_model_directory_loads_and_predicts_the_same(tiny, tmp_path, image):
+    directory = ovsam.save_model(tiny, tmp_path / "model", vocabulary="circle,square")
+    config = json.loads((directory / "ovsam_config.json").read_text())
+    assert config["vocabulary"] == "circle,square" and config["trained"] is False
+    reloaded = ovsam.load_model(directory, device="cpu")
+    for role, state in ovsam.release_state_dicts(tiny).items():
+        again = ovsam.release_state_dicts(reloaded)[role]
+        assert state.keys() == again.keys()
+        assert all(torch.equal(state[k], again[k]) for k in state)
+    # Half-precision storage loads into the float32 model.
+    half = ovsam.save_model(tiny, tmp_path / "half", dtype=torch.float16)
+    ovsam.load_model(half, device="cpu")
+
+
+def test_box_prompts_give_one_object_each(predictor, image):
+    predictor.set_image(image)
+    boxes = np.array([[10, 20, 110, 120], [150, 40, 300, 230]], np.float32)
+    prediction = predictor.predict(boxes=boxes)
+    assert len(prediction) == 2
+    assert prediction.masks.shape == (2, 240, 320) and prediction.masks.dtype == bool
+    assert prediction.prompt_type == "box"
+    np.testing.assert_array_equal(prediction.prompts, boxes)
+    assert prediction.topk_ids.shape == (2, 3)
+    np.testing.assert_array_equal(prediction.label_ids, prediction.topk_ids[:, 0])
+    assert np.all(np.diff(prediction.topk_probs, axis=1) <= 0)
+    total = prediction.topk_probs.sum(1) + prediction.background_probs
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)  # all 3 classes + background
+
+
+def test_prompts_outside_the_image_raise_prompt_error(predictor, image):
+    predictor.set_image(image)
+    with pytest.raises(ovsam.PromptError, match="outside the 320x240 image"):
+        predictor.predict(boxes=np.array([[400, 300, 500, 400]], np.float32))
+    with pytest.raises(ovsam.PromptError, match="not a valid"):
+        predictor.predict(boxes=np.array([[50, 50, 40, 80]], np.float32))
+    with pytest.raises(ovsam.PromptError, match="outside"):
+        predictor.predict(points=np.array([[[-5, 10]]], np.float32))
+
+
+def test_batched_images_match_one_at_a_time(predictor, image):
+    other = np.ascontiguousarray(image[::-1, :, :])
+    boxes = [np.array([[10, 20, 110, 120]], np.float32), np.array([[30, 30, 200, 200], [5, 5, 50, 60]], np.float32)]
+    batched = predictor.predict_images([image, other], boxes)
+    for img, img_boxes, result in zip([image, other], boxes, batched):
+        predictor.set_image(img)
+        single = predictor.predict(boxes=img_boxes)
+        np.testing.assert_array_equal(result.masks, single.masks)
+        np.testing.assert_allclose(result.topk_probs, single.topk_probs, atol=1e-5)
+
+
+def test_point_prompts_take_clip_regions_from_the_masks(tiny, predictor, image):
+    """Point prompts have no box: CLIP must see the predicted mask's box, not a prompt box."""
+    predictor.set_image(image)
+    points = np.array([[[60, 70]], [[200, 100]]], np.float32)
+    features, frames = predictor.embed_images([image])
+    decoded = predictor.decode(features, frames[0], 0, points, "point")
+    torch.testing.assert_close(decoded.region_boxes, decoded.mask_boxes)
+
+
+def test_automatic_mode_outputs_respect_its_filters(predictor, image):
+    config = ovsam.AutomaticConfig(points_per_side=6, stability_score_thresh=0.0, max_background_prob=1.0,
+                                   nms_iou_thresh=0.5, max_objects=10)
+    prediction = ovsam.AutomaticLabeller(predictor, config).generate(image)
+    assert prediction.prompt_type == "grid"
+    assert 1 <= len(prediction) <= 10
+    assert prediction.prompts.shape == (len(prediction), 2)
+    boxes = torch.from_numpy(prediction.boxes)
+    from torchvision.ops import box_iou
+    overlap = box_iou(boxes, boxes).fill_diagonal_(0)
+    # NMS runs on the low-resolution mask boxes; at full resolution they can grow by a few pixels.
+    assert float(overlap.max()) <= 0.6
+    strict = ovsam.AutomaticLabeller(predictor, ovsam.AutomaticConfig(points_per_side=6, max_background_prob=0.0))
+    assert len(strict.generate(image)) == 0  # nothing is certainly an object: everything is filtered
+
+
+def test_model_package_does_not_pull_in_ray_or_storage():
+    import subprocess
+    import sys
+    code = ("import sys, ovsam; ovsam.load_model('tiny', device='cpu'); "
+            "bad = [m for m in ('ray', 'click', 'fsspec', 's3fs', 'pyarrow') if m in sys.modules]; "
+            "print(','.join(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
