@@ -146,3 +146,26 @@ def test_model_package_does_not_pull_in_ray_or_storage():
             "print(','.join(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_convnext_clip_tower_variant(tmp_path, image):
+    """ConvNeXt towers (timm inside open_clip): four maps at strides 4..32, regions by mask pooling."""
+    import dataclasses
+
+    from ovsam.config import ClipTowerConfig
+    config, _ = ovsam.load_config("tiny")
+    convnext = ClipTowerConfig(arch="convnext_atto", open_clip_config={
+        "embed_dim": 64,
+        "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "mlp", "image_size": 256},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    })
+    model = ovsam.build_model(dataclasses.replace(config, clip=convnext))
+    assert not model.clip.is_resnet
+    with torch.inference_mode():
+        maps = model.clip.features(torch.zeros(1, 3, 512, 512))
+    assert [m.shape[-1] for m in maps] == [128, 64, 32, 16]
+    predictor = ovsam.Predictor(model, ovsam.Vocabulary.from_spec("a,b"), cache_dir=tmp_path)
+    predictor.set_image(image)
+    prediction = predictor.predict(boxes=np.array([[10, 10, 100, 100]], np.float32))
+    assert prediction.masks.shape == (1, 240, 320) and np.isfinite(prediction.scores).all()
