@@ -18,12 +18,18 @@ def _register() -> None:
     from ovsam_batch import eval_cmd
 
     main.add_command(eval_cmd.main)
+    from ovsam_batch import train_cmd
+
+    main.add_command(train_cmd.main)
     from ovsam_batch import show_cmd
 
     main.add_command(show_cmd.main)
     from ovsam_batch import report_cmd
 
     main.add_command(report_cmd.main)
+    from ovsam_batch import label_cmd
+
+    main.add_command(label_cmd.label)
     pass
 
 

@@ -13,7 +13,8 @@ from jobs import eval as evaluation
 @click.option(
     "--split",
     default=None,
-    help='Base/novel split: a JSON file {"base": [names], "novel": [names]} (local path or URL).',
+    help='Base/novel split: coco | lvis (the built-in open-vocabulary splits) or a JSON file '
+    '{"base": [names], "novel": [names]} (local path or URL).',
 )
 def main(outputs: str, ground_truth: str, split: str | None) -> None:
     """Evaluate the label outputs under OUTPUTS (the --output of `ovsam-batch label`).

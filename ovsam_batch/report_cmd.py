@@ -34,4 +34,6 @@ def main(output: str, out_file: str, top_labels: int, gallery_labels: int, per_l
         path = write_report(config)
     except VizError as err:
         raise click.ClickException(str(err)) from err
+    except OSError as err:  # the --out file cannot be written
+        raise click.ClickException(f"cannot write {out_file}: {err}") from err
     click.echo(f"wrote {path}")

@@ -40,6 +40,8 @@ def main(output: str, out_dir: str, images: tuple[str, ...], sample: int, seed: 
         result = show(config)
     except VizError as err:
         raise click.ClickException(str(err)) from err
+    except OSError as err:  # the --out folder cannot be written
+        raise click.ClickException(f"cannot write under {out_dir}: {err}") from err
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"wrote {len(result.overlays)} overlays under {result.sheet.parent / 'overlays'} and {result.sheet}")

@@ -1,0 +1,1 @@
+"""Ray Train jobs that retrain OVSAM's two transfer stages, their evaluation, and the synthetic shapes data."""

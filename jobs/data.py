@@ -1,0 +1,244 @@
+"""Training data of the two jobs, read from local paths or object storage through fsspec.
+
+* SA-1B layout (SAM2CLIP): a folder or prefix of images (``*.jpg``, ``*.jpeg``, ``*.png``), each optionally
+  beside a ``*.json`` of the same stem (SA-1B's per-image annotations; distillation needs only the image).
+  Teacher embeddings live under their own prefix, one ``<relative image path>.npy`` per image (see
+  `embedding_uri`).
+* COCO instances (CLIP2SAM): an instances JSON (COCO, LVIS or a user's own) and the folder its
+  ``file_name``s are relative to.
+
+Images are decoded with EXIF orientation applied and converted to RGB, then preprocessed exactly as for
+inference (`ovsam.transforms.preprocess`), so the model trains on the input it will see.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+
+import cv2
+import fsspec
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ovsam.transforms import ImageFrame, preprocess
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+EMBEDDING_SUFFIX = ".npy"
+# Ground-truth masks smaller than this (pixels in the model input frame) give no usable point prompt or
+# mask target after resizing and are skipped.
+MIN_INPUT_MASK_PIXELS = 1
+
+
+class DataError(ValueError):
+    """Training data cannot be read; the message names the file and the reason."""
+
+
+def join(prefix: str, relative: str) -> str:
+    return posixpath.join(prefix.rstrip("/"), relative)
+
+
+def read_image(uri: str) -> np.ndarray:
+    """Decode one image: RGB uint8 [H, W, 3], EXIF orientation applied. Raises `DataError`."""
+    try:
+        with fsspec.open(uri, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError as err:
+        raise DataError(f"image {uri} does not exist") from err
+    if not data:
+        raise DataError(f"image {uri} is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"image {uri} cannot be decoded: {err}") from err
+
+
+def list_images(prefix: str) -> list[str]:
+    """Relative paths (sorted) of the images under ``prefix``, recursively. Raises `DataError` if none."""
+    fs, root = fsspec.core.url_to_fs(prefix)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise DataError(f"image folder {prefix} does not exist")
+    relative = sorted(
+        path[len(root) + 1:] for path in fs.find(root) if path.lower().endswith(IMAGE_SUFFIXES)
+    )
+    if not relative:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {prefix}")
+    return relative
+
+
+def embedding_uri(embeddings_prefix: str, relative_image_path: str) -> str:
+    """Where the teacher embedding of an image lives: its relative path plus ``.npy`` (``a/b.jpg.npy``)."""
+    return join(embeddings_prefix, relative_image_path + EMBEDDING_SUFFIX)
+
+
+def read_embedding(uri: str) -> np.ndarray:
+    """A stored teacher embedding, float16 [C, g, g] (``np.load`` without pickle)."""
+    try:
+        with fsspec.open(uri, "rb") as handle:
+            return np.load(io.BytesIO(handle.read()), allow_pickle=False)
+    except FileNotFoundError as err:
+        raise DataError(f"teacher embedding {uri} does not exist: run `ovsam-batch train precompute-teacher` first") from err
+    except ValueError as err:
+        raise DataError(f"teacher embedding {uri} is not a readable .npy array: {err}") from err
+
+
+def write_embedding(uri: str, embedding: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, embedding, allow_pickle=False)
+    with fsspec.open(uri, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+class DistillationPairs(torch.utils.data.Dataset):
+    """(model input, teacher embedding) pairs for SAM2CLIP.
+
+    Item: ``pixels`` float32 [3, S, S] (preprocessed), ``target`` float32 [C, g, g] (the stored embedding).
+    """
+
+    def __init__(self, images_prefix: str, embeddings_prefix: str, relative_paths: list[str], image_size: int) -> None:
+        self.images_prefix = images_prefix
+        self.embeddings_prefix = embeddings_prefix
+        self.relative_paths = relative_paths
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.relative_paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        relative = self.relative_paths[index]
+        pixels, _ = preprocess(read_image(join(self.images_prefix, relative)), self.image_size)
+        target = read_embedding(embedding_uri(self.embeddings_prefix, relative))
+        return {"pixels": pixels, "target": torch.from_numpy(target.astype(np.float32))}
+
+
+def most_interior_point(mask: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the pixel farthest from the mask's border (argmax of the L2 distance transform; the first
+    in row-major order on ties). mask: bool/uint8 [H, W], non-empty."""
+    distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(x), int(y)
+
+
+@dataclass(frozen=True)
+class CocoCategories:
+    """Dataset categories in id order: ``ids[k]``/``names[k]`` is class ``k`` of the training vocabulary."""
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+
+def coco_categories(coco: dict) -> CocoCategories:
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    return CocoCategories(tuple(c["id"] for c in categories), tuple(c["name"] for c in categories))
+
+
+def load_coco(annotations_uri: str) -> dict:
+    """Read a COCO instances JSON (local or URL). Raises `DataError` in plain words."""
+    try:
+        with fsspec.open(annotations_uri, "r") as handle:
+            data = json.load(handle)
+    except FileNotFoundError as err:
+        raise DataError(f"annotation file {annotations_uri} does not exist") from err
+    except json.JSONDecodeError as err:
+        raise DataError(f"annotation file {annotations_uri} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
+        raise DataError(f"annotation file {annotations_uri} is not COCO instances JSON (needs images, annotations, categories)")
+    return data
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """Images with their instances, prompts and targets for CLIP2SAM.
+
+    Per item, with N <= ``max_instances`` instances chosen at random per epoch (crowd and empty ones left out):
+    ``pixels`` float32 [3, S, S]; ``boxes`` float32 [N, 4] xyxy input-frame pixels (the ground-truth box);
+    ``points`` float32 [N, 2] xy input-frame pixels (the most interior pixel of the instance's mask in the
+    input frame); ``is_box`` bool [N] (prompt by box, else by point, half each on average);
+    ``labels`` int64 [N] (class index in `categories`); ``masks`` uint8 [N, S, S] (input frame, padded).
+    Images without a usable instance are left out (`skipped_images` counts them).
+    """
+
+    def __init__(self, coco: dict, image_root: str, image_size: int, max_instances: int, seed: int) -> None:
+        self.image_root = image_root
+        self.image_size = image_size
+        self.max_instances = max_instances
+        self.seed = seed
+        self.epoch = 0
+        self.categories = coco_categories(coco)
+        class_of = {cat_id: k for k, cat_id in enumerate(self.categories.ids)}
+        by_image: dict[int, list[dict]] = {}
+        for ann in coco["annotations"]:
+            if not ann.get("iscrowd", 0) and ann.get("area", 1) > 0 and ann["category_id"] in class_of:
+                by_image.setdefault(ann["image_id"], []).append({**ann, "class": class_of[ann["category_id"]]})
+        self.images = [img for img in coco["images"] if img["id"] in by_image]
+        self.annotations = by_image
+        self.skipped_images = len(coco["images"]) - len(self.images)
+        if not self.images:
+            raise DataError("the annotation file has no image with a usable (non-crowd, non-empty) instance")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Instance choice and prompt types are drawn afresh each epoch, reproducibly."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        info = self.images[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = read_image(join(self.image_root, info["file_name"]))
+        height, width = image.shape[:2]
+        pixels, frame = preprocess(image, self.image_size)
+        anns = self.annotations[info["id"]]
+        chosen = rng.permutation(len(anns))[: self.max_instances]
+        boxes, points, labels, masks = [], [], [], []
+        for i in chosen:
+            ann = anns[i]
+            mask = self._input_mask(ann["segmentation"], height, width, frame)
+            if mask.sum() < MIN_INPUT_MASK_PIXELS:
+                continue
+            x, y, w, h = ann["bbox"]
+            boxes.append(frame.boxes_to_input(np.array([[x, y, x + w, y + h]]))[0])
+            points.append(most_interior_point(mask))
+            labels.append(ann["class"])
+            masks.append(mask)
+        n = len(labels)
+        size = self.image_size
+        return {
+            "pixels": pixels,
+            "boxes": torch.from_numpy(np.array(boxes, np.float32).reshape(n, 4)),
+            "points": torch.tensor(points, dtype=torch.float32).reshape(n, 2),
+            "is_box": torch.from_numpy(rng.random(n) < 0.5),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "masks": torch.from_numpy(np.array(masks, np.uint8).reshape(n, size, size)),
+        }
+
+    def _input_mask(self, segmentation, height: int, width: int, frame: ImageFrame) -> np.ndarray:
+        """The instance mask resized into the input frame (nearest) and zero-padded: uint8 [S, S]."""
+        if isinstance(segmentation, list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation.get("counts"), list):
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")
+                   if isinstance(segmentation["counts"], str) else segmentation["counts"]}
+        mask = mask_utils.decode(rle)
+        rh, rw = frame.resized_size
+        resized = cv2.resize(mask, (rw, rh), interpolation=cv2.INTER_NEAREST)
+        out = np.zeros((self.image_size, self.image_size), np.uint8)
+        out[:rh, :rw] = resized
+        return out
+
+
+def collate_instances(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack images and concatenate instances; ``image_index`` [N] int64 says which image each belongs to."""
+    return {
+        "pixels": torch.stack([item["pixels"] for item in items]),
+        "image_index": torch.cat([torch.full((len(item["labels"]),), i, dtype=torch.int64) for i, item in enumerate(items)]),
+        **{key: torch.cat([item[key] for item in items]) for key in ("boxes", "points", "is_box", "labels", "masks")},
+    }

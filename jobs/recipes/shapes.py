@@ -1,0 +1,156 @@
+"""The offline `shapes` model: a small OVSAM trained on synthetic shapes with the two training jobs, on CPU.
+
+    python -m jobs.recipes.shapes --work /tmp/shapes-recipe [--ship]
+
+Steps (each is also a plain command; see docs in README "Training and evaluation"):
+
+1. Data: `jobs.shapes` writes a training set (seed 1) and a held-out set (seed 2) of 256 px images.
+2. Config: the `tiny` preset's dimensions at image size 256, with vocabulary
+   ``circle,square,triangle,star,hexagon`` and the CLIP branch of the label fusion switched off
+   (alpha = beta = 0): no pretrained CLIP exists offline, so the CLIP tower is seeded-random and its
+   region embeddings carry no class information; the head's RoI classifier names the shapes.
+3. SAM2CLIP: no SAM checkpoint exists offline either, so the teacher is a small seeded-random SAM ViT
+   (`TEACHER`); its embeddings are precomputed once and the adapter is distilled towards them. This runs
+   the real job end to end; the masks' quality then comes from step 4.
+4. CLIP2SAM with ``--train-adapter``: FPN, RoI conv, label token, mask decoder and adapter trained on the
+   training set's instances (box and point prompts).
+5. Evaluation: ``ovsam-batch label --mode box`` on the held-out set with its ground-truth boxes, then
+   ``ovsam-batch eval`` (mean IoU and accuracy per class).
+6. ``--ship``: store the model in float16 under ``ovsam/checkpoints/shapes/`` (the package's offline default).
+
+Deviations from the release recipe, for a CPU and a from-scratch decoder: learning rate `LR` instead of
+1e-4 (nothing here starts from SAM's trained decoder), `NUM_POINTS` points per mask, and 5 epochs instead
+of 12 (the learning-rate steps scale with the epoch count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import click
+import torch
+
+import ovsam
+from jobs import clip2sam, common, sam2clip, shapes, teacher
+
+IMAGE_SIZE = 256
+TRAIN_SEED, HELD_OUT_SEED = 1, 2
+VOCABULARY = ",".join(shapes.SHAPE_CLASSES)
+# A SAM-style ViT small enough for a CPU, seeded-random (see step 3).
+TEACHER = teacher.TeacherConfig(image_size=IMAGE_SIZE, embed_dim=64, depth=2, num_heads=4, global_attn_indexes=(1,),
+                                window_size=8, out_channels=128, seed=0)
+LR = 4e-4
+NUM_POINTS = 4096
+SHIP_DIR = pathlib.Path(ovsam.config.CHECKPOINT_DIR) / "shapes"
+DESCRIPTION = (
+    "Offline demo model: trained on synthetic shapes (circle, square, triangle, star, hexagon) by "
+    "jobs/recipes/shapes.py. Random-weight CLIP tower; names only those five shapes."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    work: str
+    train_images: int = 2000
+    held_out_images: int = 200
+    distill_images: int = 200
+    distill_epochs: int = 2
+    # 5 epochs of 250 steps: what a shared 2-core machine trains in under an hour (the release uses 12).
+    epochs: int = 5
+    batch_size: int = 8
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+    ship: bool = False
+
+
+def shapes_config() -> dict:
+    config, _ = ovsam.load_config("tiny")
+    config = dataclasses.replace(
+        config, name="shapes", image_size=IMAGE_SIZE, vocabulary=VOCABULARY, trained=False, description=DESCRIPTION,
+        fusion=dataclasses.replace(config.fusion, alpha=0.0, beta=0.0),
+    )
+    return config.to_dict()
+
+
+def run_recipe(config: RecipeConfig) -> dict:
+    work = pathlib.Path(config.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    start = time.perf_counter()
+    train = shapes.generate(shapes.ShapesConfig(str(work / "train"), config.train_images, TRAIN_SEED, IMAGE_SIZE))
+    held_out = shapes.generate(shapes.ShapesConfig(str(work / "held_out"), config.held_out_images, HELD_OUT_SEED, IMAGE_SIZE))
+    (work / "shapes_preset.json").write_text(json.dumps(shapes_config(), indent=1))
+    (work / "teacher.json").write_text(json.dumps(dataclasses.asdict(TEACHER)))
+    timings["data_s"] = time.perf_counter() - start
+
+    def settings(name: str, epochs: int, export: pathlib.Path, lr: float) -> common.RunSettings:
+        return common.RunSettings(storage=str(work / "runs"), name=name, epochs=epochs, batch_size=config.batch_size,
+                                  lr=lr, num_workers=config.num_workers, cpus_per_worker=config.cpus_per_worker,
+                                  export=str(export))
+
+    start = time.perf_counter()
+    distill_dir = work / "distill_images"
+    distill_dir.mkdir(exist_ok=True)
+    for path in sorted((work / "train" / "images").iterdir())[: config.distill_images]:
+        shutil.copy2(path, distill_dir / path.name)
+    teacher.precompute(teacher.PrecomputeConfig(str(distill_dir), str(work / "teacher_embeddings"), TEACHER,
+                                                batch_size=config.batch_size))
+    timings["precompute_teacher_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    sam2clip.run(sam2clip.Sam2ClipJob(str(work / "shapes_preset.json"), str(distill_dir), str(work / "teacher_embeddings")),
+                 settings("sam2clip", config.distill_epochs, work / "after_sam2clip", LR))
+    timings["sam2clip_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = clip2sam.run(
+        clip2sam.Clip2SamJob(str(work / "after_sam2clip"), str(train), str(work / "train" / "images"),
+                             num_points=NUM_POINTS, train_adapter=True),
+        settings("clip2sam", config.epochs, work / "model", LR),
+    )
+    timings["clip2sam_s"] = time.perf_counter() - start
+    model_dir = work / "model"
+    if config.ship:
+        shutil.rmtree(SHIP_DIR, ignore_errors=True)
+        ovsam.save_model(ovsam.load_model(model_dir, device="cpu"), SHIP_DIR, dtype=torch.float16)
+        model_dir = SHIP_DIR
+
+    import ray
+
+    ray.shutdown()
+    labels = work / "held_out_labels"
+    shutil.rmtree(labels, ignore_errors=True)
+    start = time.perf_counter()
+    cli = [sys.executable, "-c", "from ovsam_batch.cli import main; main()"]
+    subprocess.run([*cli, "label", str(work / "held_out" / "images"), "--output", str(labels), "--mode", "box",
+                    "--prompts", str(held_out), "--preset", str(model_dir)], check=True)
+    timings["label_held_out_s"] = time.perf_counter() - start
+    subprocess.run([*cli, "eval", str(labels), "--gt", str(held_out)], check=True)
+    report = json.loads((labels / "eval.json").read_text())
+    summary = {"timings_s": {k: round(v, 1) for k, v in timings.items()}, "final_train_metrics": result.metrics,
+               "held_out": report["overall"], "model_dir": str(model_dir)}
+    (work / "recipe_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@click.command()
+@click.option("--work", required=True, type=click.Path(file_okay=False), help="Working folder (data, runs, outputs).")
+@click.option("--train-images", default=RecipeConfig.train_images, show_default=True)
+@click.option("--held-out-images", default=RecipeConfig.held_out_images, show_default=True)
+@click.option("--epochs", default=RecipeConfig.epochs, show_default=True)
+@click.option("--ship", is_flag=True, help="Store the result in float16 under ovsam/checkpoints/shapes/.")
+def main(work: str, train_images: int, held_out_images: int, epochs: int, ship: bool) -> None:
+    """Train, evaluate (and optionally ship) the offline shapes model."""
+    summary = run_recipe(RecipeConfig(work=work, train_images=train_images, held_out_images=held_out_images,
+                                      epochs=epochs, ship=ship))
+    click.echo(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

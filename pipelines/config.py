@@ -1,0 +1,76 @@
+"""The typed configuration of one labelling run, validated once where it enters (the CLI)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pipelines.storage import redact_uri
+
+Mode = Literal["auto", "box"]
+MODES: tuple[Mode, ...] = ("auto", "box")
+WEIGHT_PARTS = ("sam2clip", "clip2sam", "sam", "clip")
+
+
+class ConfigError(ValueError):
+    """An option value or combination that cannot work; the message names the option."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    """Everything a labelling run needs. Paths are local paths or fsspec URLs (``s3://...``).
+
+    ``input``: folder / prefix (optionally with a glob such as ``s3://b/imgs/**/*.jpg``) or a manifest file
+    (``.txt``/``.lst``/``.csv``-free text, one URI per line). ``output``: prefix the tables are written under.
+    ``prompts``: COCO JSON or Parquet of boxes per image (box mode only). ``preset``: model preset name,
+    preset JSON or model directory (`ovsam.load_model`). ``weights``: part name →
+    checkpoint location, overriding the preset's. ``workers``: model actors (None: one per GPU, else 1).
+    ``batch_size``: images per model call and per output part. ``limit``: label only the first N inputs
+    (sorted), for trying a command. ``endpoint_url``: S3-compatible endpoint (else ``AWS_ENDPOINT_URL`` or AWS).
+    """
+
+    input: str
+    output: str
+    mode: Mode = "auto"
+    prompts: str | None = None
+    vocabulary: str = "coco"
+    preset: str = "tiny"
+    weights: tuple[tuple[str, str], ...] = ()
+    coco: bool = False
+    address: str | None = None
+    gpus_per_worker: float = 1.0
+    workers: int | None = None
+    batch_size: int = 8
+    limit: int | None = None
+    endpoint_url: str | None = None
+    points_per_side: int = 32
+    top_k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.mode == "box" and not self.prompts:
+            raise ConfigError("--mode box needs --prompts (a COCO JSON or Parquet file of boxes per image)")
+        if self.mode == "auto" and self.prompts:
+            raise ConfigError("--prompts is only used with --mode box")
+        for part, _ in self.weights:
+            if part not in WEIGHT_PARTS:
+                raise ConfigError(f"--weights part must be one of {', '.join(WEIGHT_PARTS)}, not {part!r}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError("--gpus-per-worker must be >= 0")
+        for name, value, low in (("--workers", self.workers, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--limit", self.limit, 1), ("--points-per-side", self.points_per_side, 1),
+                                 ("--top-k", self.top_k, 1)):
+            if value is not None and value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if self.input.rstrip("/") == self.output.rstrip("/"):
+            raise ConfigError("--output must differ from INPUT")
+
+    def public_dict(self) -> dict:
+        """The config as JSON-ready values with credentials removed from every URL (for run.json and logs)."""
+        values = dataclasses.asdict(self)
+        for key in ("input", "output", "prompts", "preset", "endpoint_url", "address"):
+            if values[key]:
+                values[key] = redact_uri(values[key])
+        values["weights"] = {part: redact_uri(source) for part, source in self.weights}
+        return values

@@ -1,0 +1,282 @@
+"""The labelling run: list → read + decode (CPU) → model actor pool → write parts, streamed by Ray Data.
+
+`run_label` is what ``ovsam-batch label`` calls. It resumes by construction: images with a committed
+images row are skipped, and an interrupted write is rolled back before the run starts (see `output`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import ray
+import tqdm
+
+from pipelines.config import LabelConfig
+from pipelines.decode import ReadAndDecode
+from pipelines.output import ANNOTATIONS_DIR, COCO_FILE, IMAGES_DIR, RUN_FILE, OutputError, OutputStore, WriteParts
+from pipelines.predict import LabelImages
+from pipelines.prompts import load_box_prompts
+from pipelines.storage import InputListing, list_inputs, redact_text, redact_uri
+from schemas.tables import SCHEMA_VERSION
+
+# Settings that change what a label means: a re-run into an output written with other values would mix
+# two kinds of labels in one table, so it is refused.
+_LABEL_SETTINGS = ("mode", "preset", "weights", "vocabulary", "prompts", "points_per_side", "top_k")
+# Blocks of the input listing hold this many batches: small enough that work spreads over the decode
+# actors from the start, large enough that a million inputs are not a million scheduler objects.
+_BATCHES_PER_BLOCK = 4
+# Progress updates at most this often (seconds) when stderr is a log file rather than a terminal.
+_LOG_PROGRESS_INTERVAL_S = 30.0
+
+
+class LabelError(Exception):
+    """The run cannot start or cannot go on; the message says why in a user's words."""
+
+
+@dataclasses.dataclass
+class LabelSummary:
+    """What a run did. ``run_*`` counts cover this run; ``total_*`` the whole output after it."""
+
+    listed: int
+    skipped_done: int
+    ignored_files: int
+    unmatched_prompt_images: int
+    orphans_removed: int
+    run_images: int
+    run_ok: int
+    run_errors: collections.Counter
+    run_annotations: int
+    seconds: float
+    total_images: collections.Counter
+    total_annotations: int
+    model_name: str
+    model_trained: bool
+    outputs: dict[str, str]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.run_images / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        values["run_errors"], values["total_images"] = dict(self.run_errors), dict(self.total_images)
+        values["images_per_second"] = round(self.images_per_second, 3)
+        return values
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelInfo:
+    name: str
+    trained: bool
+    description: str
+
+
+def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
+    """Label ``config.input`` into ``config.output``; joins or starts Ray as ``config.address`` says.
+
+    Raises `LabelError` (bad model, vocabulary, prompts, output) with a message for the user.
+    """
+    started = time.monotonic()
+    started_at = _now()
+    model, vocabulary = _resolve_model(config)
+    boxes_by_name = _load_prompts(config)
+    try:
+        store = OutputStore(config.output, config.endpoint_url)
+        _check_same_settings(store, config)
+        orphans = store.recover()
+        done = store.done_uris()
+    except OutputError as err:
+        raise LabelError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - unreachable store, no credentials, denied: one sentence
+        raise LabelError(f"cannot use the output {redact_uri(config.output)}: {_reason(err)}") from None
+    try:
+        listing = list_inputs(config.input, config.endpoint_url)
+    except Exception as err:  # noqa: BLE001 - as above, for the input
+        raise LabelError(f"cannot list the input {redact_uri(config.input)}: {_reason(err)}") from None
+    if not listing.uris:
+        raise LabelError(f"no images found in {redact_uri(config.input)}")
+
+    selected = range(len(listing.uris))[:config.limit] if config.limit else range(len(listing.uris))
+    items = _work_items(listing, selected, done, boxes_by_name)
+    unmatched = 0
+    if boxes_by_name is not None:
+        known = {listing.keys[i] for i in selected} | {listing.uris[i] for i in selected}
+        unmatched = sum(1 for name in boxes_by_name if name not in known)
+
+    metadata = {"model": model.name, "model_trained": model.trained, "vocabulary": vocabulary.name,
+                "mode": config.mode}
+    record = {"status": "running", "started_at": started_at, "schema_version": SCHEMA_VERSION,
+              "config": config.public_dict(), "model": dataclasses.asdict(model),
+              "vocabulary": {"name": vocabulary.name, "names": list(vocabulary.names)}}
+    store.write_run_record(record)
+
+    run_ok, run_annotations, run_errors = 0, 0, collections.Counter()
+    if items:
+        with _ray_session(config):
+            dataset = _build_dataset(config, vocabulary, items, metadata)
+            with _progress(len(items), show_progress) as bar:
+                for summary in dataset.iter_rows():
+                    run_ok += int(summary["ok"])
+                    run_annotations += int(summary["annotations"])
+                    run_errors.update(json.loads(summary["error_kinds"]))
+                    bar.update(int(summary["images"]))
+                    bar.set_postfix(errors=sum(run_errors.values()), annotations=run_annotations, refresh=False)
+
+    total_images, total_annotations = store.status_counts()
+    outputs = {"images": store.url(IMAGES_DIR), "annotations": store.url(ANNOTATIONS_DIR),
+               "run": store.url(RUN_FILE)}
+    if config.coco:
+        info = {"description": f"ovsam-batch labels, model {model.name}"
+                               + ("" if model.trained else " (UNTRAINED: random weights, labels carry no meaning)"),
+                "date_created": _now(), "schema_version": SCHEMA_VERSION}
+        store.write_coco(list(vocabulary.names), info)
+        outputs["coco"] = store.url(COCO_FILE)
+    summary = LabelSummary(
+        listed=len(selected), skipped_done=len(selected) - len(items), ignored_files=listing.ignored,
+        unmatched_prompt_images=unmatched, orphans_removed=orphans, run_images=run_ok + sum(run_errors.values()),
+        run_ok=run_ok, run_errors=run_errors, run_annotations=run_annotations,
+        seconds=time.monotonic() - started, total_images=total_images, total_annotations=total_annotations,
+        model_name=model.name, model_trained=model.trained, outputs={k: redact_uri(v) for k, v in outputs.items()})
+    store.write_run_record({**record, "status": "complete", "finished_at": _now(), "summary": summary.as_dict()})
+    return summary
+
+
+def _work_items(listing: InputListing, selected: range, done: set[str],
+                boxes_by_name: dict[str, np.ndarray] | None) -> list[dict]:
+    """One row per selected input not yet done: ``source_uri`` (to read), ``image_uri`` (to store, redacted)
+    and, in box mode, ``prompt_boxes``."""
+    items = []
+    for index in selected:
+        uri = listing.uris[index]
+        if redact_uri(uri) in done:
+            continue
+        item = {"source_uri": uri, "image_uri": redact_uri(uri)}
+        if boxes_by_name is not None:
+            boxes = boxes_by_name.get(uri, boxes_by_name.get(listing.keys[index]))
+            # float32 x1, y1, x2, y2 bytes: one binary column, where ragged float lists would not convert to Arrow.
+            item["prompt_boxes"] = b"" if boxes is None else boxes.astype(np.float32).tobytes()
+        items.append(item)
+    return items
+
+
+def _resolve_model(config: LabelConfig):
+    """The model's name/trained flag and the run's vocabulary.
+
+    The model is loaded once here, on CPU, before any worker starts: a missing, unreadable or mismatched
+    checkpoint then ends the run with the model's own one-line message instead of a worker traceback.
+    """
+    import ovsam
+
+    try:
+        model_config = ovsam.load_model(config.preset, weights=dict(config.weights) or None, device="cpu").config
+        vocabulary = ovsam.Vocabulary.from_spec(config.vocabulary or model_config.vocabulary or "coco")
+    except ovsam.OVSAMError as err:
+        raise LabelError(str(err)) from None
+    return _ModelInfo(model_config.name, model_config.trained, model_config.description), vocabulary
+
+
+def _check_same_settings(store: OutputStore, config: LabelConfig) -> None:
+    previous = store.read_run_record()
+    if previous is None:
+        return
+    current = config.public_dict()
+    differing = [key for key in _LABEL_SETTINGS if previous["config"].get(key) != current[key]]
+    if differing:
+        raise OutputError(
+            f"{redact_uri(config.output)} holds labels made with other settings ({', '.join(differing)} differ "
+            f"from its {RUN_FILE}); resuming would mix them: use a new --output or the same settings")
+
+
+def _load_prompts(config: LabelConfig):
+    if config.mode != "box":
+        return None
+    try:
+        return load_box_prompts(config.prompts, config.endpoint_url)
+    except ValueError as err:
+        raise LabelError(str(err)) from None
+
+
+class _ray_session:
+    """Joins ``config.address`` or starts a local Ray for the run; leaves an already running Ray alone."""
+
+    def __init__(self, config: LabelConfig):
+        self.config = config
+        self.owned = False
+
+    def __enter__(self):
+        if not ray.is_initialized():
+            ray.init(address=self.config.address, include_dashboard=False, logging_level="WARNING",
+                     configure_logging=True)
+            self.owned = True
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # our own bar below: images, errors, images/s
+        context.print_on_execution_start = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.owned:
+            ray.shutdown()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerPlan:
+    """How the cluster's resources are split: model actors, their CPU slots (= torch threads on CPU), GPUs."""
+
+    workers: int
+    cpus_per_worker: int
+    gpus_per_worker: float
+    decode_actors: int
+
+
+def plan_workers(config: LabelConfig, cpus: int, gpus: float) -> WorkerPlan:
+    """GPU: one CPU slot per model actor. CPU only: the model is the bottleneck (decoding a JPEG costs far less
+    than a forward pass), so the model actors share all cores but one, each running that many torch threads,
+    and decoding keeps at least one core; threads beyond the reserved cores would only contend."""
+    if config.gpus_per_worker > 0 and gpus > 0:
+        workers = config.workers or max(1, int(gpus / config.gpus_per_worker))
+        return WorkerPlan(workers, 1, config.gpus_per_worker, max(1, cpus - workers))
+    workers = config.workers or 1
+    cpus_per_worker = max(1, (cpus - 1) // workers)
+    return WorkerPlan(workers, cpus_per_worker, 0, max(1, cpus - workers * cpus_per_worker))
+
+
+def _build_dataset(config: LabelConfig, vocabulary, items: list[dict], metadata: dict) -> ray.data.Dataset:
+    resources = ray.cluster_resources()
+    plan = plan_workers(config, int(resources.get("CPU", 1)), resources.get("GPU", 0))
+    dataset = ray.data.from_items(
+        items, override_num_blocks=max(1, math.ceil(len(items) / (config.batch_size * _BATCHES_PER_BLOCK))))
+    dataset = dataset.map_batches(
+        ReadAndDecode, fn_constructor_kwargs={"endpoint_url": config.endpoint_url}, batch_size=config.batch_size,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.decode_actors),
+        num_cpus=1)
+    dataset = dataset.map_batches(
+        LabelImages, batch_size=config.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"config": config, "vocabulary": vocabulary, "cpu_threads": plan.cpus_per_worker},
+        compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
+        num_gpus=plan.gpus_per_worker)
+    # Writing is I/O wait, not CPU work: a zero-CPU actor never competes with decoding or the model.
+    return dataset.map_batches(
+        WriteParts, batch_size=config.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"output": config.output, "endpoint_url": config.endpoint_url, "metadata": metadata},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.workers), num_cpus=0)
+
+
+def _progress(total: int, show: bool) -> tqdm.tqdm:
+    interactive = sys.stderr.isatty()
+    return tqdm.tqdm(total=total, unit="img", desc="labelling", disable=not show, file=sys.stderr,
+                     mininterval=0.5 if interactive else _LOG_PROGRESS_INTERVAL_S, dynamic_ncols=interactive)
+
+
+def _reason(err: BaseException) -> str:
+    return redact_text(f"{type(err).__name__}: {err}".strip().splitlines()[0])
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,163 @@
+"""Model stage (actor pool, one GPU each when there are GPUs): decoded images → images rows + annotation rows.
+
+One image embedding per image with all of its prompts batched (the predictor's contract). Masks are
+encoded to COCO RLE here, inside the actor, so only compact RLE strings leave it: an image's raw masks
+(N × H × W bool) can be far larger than the image itself.
+
+Box mode: a box prompt is given in original-image pixels (x1, y1, x2, y2) after EXIF orientation. A box
+partly outside the image is clipped to it; an image with a box wholly outside it (``prompt_outside_image``),
+a degenerate box (``invalid_prompt``) or no box at all (``no_prompts``) becomes one error row for the whole
+image, so that fixing the prompts file and labelling the image again gives a complete set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.config import LabelConfig
+from schemas.annotations import AnnotationColumns, TooManyAnnotationsError
+from schemas.tables import STATUS_ERROR, STATUS_OK
+
+NO_PROMPTS = "no_prompts"
+PROMPT_OUTSIDE_IMAGE = "prompt_outside_image"
+INVALID_PROMPT = "invalid_prompt"
+TOO_MANY_OBJECTS = "too_many_objects"
+MODEL_ERROR = "model_error"  # the model failed on this image for another reason (message says which)
+
+
+class PromptCheckError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def checked_boxes(packed_boxes: bytes, width: int, height: int) -> np.ndarray:
+    """float32 bytes x1, y1, x2, y2, ... (pixels) → [N, 4] float32 boxes clipped to the image.
+
+    Raises `PromptCheckError` for no box, a non-finite or empty box, or a box wholly outside the image.
+    """
+    boxes = np.frombuffer(packed_boxes, dtype=np.float32).reshape(-1, 4)
+    if len(boxes) == 0:
+        raise PromptCheckError(NO_PROMPTS, "box mode, but the prompts file has no box for this image")
+    for index, (x1, y1, x2, y2) in enumerate(boxes):
+        if not np.all(np.isfinite([x1, y1, x2, y2])) or x2 <= x1 or y2 <= y1:
+            raise PromptCheckError(INVALID_PROMPT, f"box {index} (x1, y1, x2, y2) = "
+                                                   f"{[float(v) for v in (x1, y1, x2, y2)]} is empty or not finite")
+        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            raise PromptCheckError(PROMPT_OUTSIDE_IMAGE, f"box {index} (x1, y1, x2, y2) = "
+                                                         f"{[float(v) for v in (x1, y1, x2, y2)]} lies outside "
+                                                         f"the {width}×{height} image")
+    return np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+
+
+def serialize(columns: AnnotationColumns) -> bytes:
+    """Arrow IPC stream of one image's validated annotation rows (how they travel to the writer stage)."""
+    table = columns.to_table()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def deserialize(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+class LabelImages:
+    """Ray Data stage holding one model: decoded-image batch → one result row per image.
+
+    Output columns: image_uri, width, height, status, error_kind, error, num_annotations and
+    ``annotations`` (Arrow IPC bytes of the image's `ANNOTATIONS_SCHEMA` rows; empty for error rows).
+    """
+
+    def __init__(self, config: LabelConfig, vocabulary, cpu_threads: int):
+        import torch
+
+        import ovsam
+
+        torch.set_num_threads(cpu_threads)  # the CPU slots Ray reserved for this actor (see `plan_workers`)
+        self.config = config
+        self.model = ovsam.load_model(config.preset, weights=dict(config.weights) or None)
+        self.label_names = vocabulary.names
+        self.predictor = ovsam.Predictor(self.model, vocabulary, top_k=config.top_k)
+        self.labeller = (ovsam.AutomaticLabeller(self.predictor,
+                                                 ovsam.AutomaticConfig(points_per_side=config.points_per_side))
+                         if config.mode == "auto" else None)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(batch["image_uri"])
+        status = [STATUS_OK] * count
+        kinds = list(batch["error_kind"])
+        errors = list(batch["error"])
+        annotations: list[bytes] = [b""] * count
+        num_annotations = [0] * count
+        todo: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # row → (rgb, boxes)
+        for row in range(count):
+            if kinds[row]:
+                status[row] = STATUS_ERROR
+                continue
+            width, height = int(batch["width"][row]), int(batch["height"][row])
+            rgb = np.frombuffer(batch["pixels"][row], np.uint8).reshape(height, width, 3)
+            try:
+                boxes = (checked_boxes(batch["prompt_boxes"][row], width, height)
+                         if self.config.mode == "box" else None)
+            except PromptCheckError as err:
+                status[row], kinds[row], errors[row] = STATUS_ERROR, err.kind, str(err)
+                continue
+            todo[row] = (rgb, boxes)
+
+        for row, outcome in zip(todo, self._predict(list(todo.values()))):
+            uri = batch["image_uri"][row]
+            try:
+                if isinstance(outcome, Exception):
+                    raise outcome
+                columns = AnnotationColumns.from_prediction(uri, outcome, self.label_names)
+                annotations[row] = serialize(columns)
+                num_annotations[row] = len(columns)
+            except TooManyAnnotationsError as err:
+                status[row], kinds[row], errors[row] = STATUS_ERROR, TOO_MANY_OBJECTS, str(err)
+            except Exception as err:  # noqa: BLE001 - one image's failure is its error row, never the run's
+                status[row], kinds[row] = STATUS_ERROR, _error_kind(err)
+                errors[row] = f"{type(err).__name__}: {err}"
+        return {
+            "image_uri": batch["image_uri"], "width": batch["width"], "height": batch["height"],
+            "status": np.array(status, dtype=object), "error_kind": np.array(kinds, dtype=object),
+            "error": np.array(errors, dtype=object), "num_annotations": np.array(num_annotations, np.int32),
+            "annotations": np.array(annotations, dtype=object),
+        }
+
+    def _predict(self, work: list[tuple[np.ndarray, np.ndarray | None]]) -> list:
+        """Predictions for ``work`` in order; an image whose prediction fails gets its exception instead.
+
+        The whole batch goes through the batched call; only if that fails is each image redone alone,
+        to find which one failed without losing the others.
+        """
+        if not work:
+            return []
+        images = [rgb for rgb, _ in work]
+        try:
+            if self.labeller is not None:
+                return list(self.labeller.generate_images(images))
+            return list(self.predictor.predict_images(images, [boxes for _, boxes in work]))
+        except Exception:  # noqa: BLE001 - isolate the failing image below
+            pass
+        results = []
+        for rgb, boxes in work:
+            try:
+                if self.labeller is not None:
+                    results.append(self.labeller.generate(rgb))
+                else:
+                    self.predictor.set_image(rgb)
+                    results.append(self.predictor.predict(boxes=boxes))
+            except Exception as err:  # noqa: BLE001 - becomes this image's error row
+                results.append(err)
+        return results
+
+
+def _error_kind(err: Exception) -> str:
+    import ovsam
+
+    if isinstance(err, ovsam.PromptError):
+        return INVALID_PROMPT
+    return MODEL_ERROR

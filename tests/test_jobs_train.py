@@ -1,0 +1,167 @@
+"""The Ray Train jobs for real: 2 CPU workers (gloo) on the session's local Ray, S3 on the loopback server.
+
+* SAM2CLIP: teacher embeddings precomputed by the Ray Data step into S3 (a zero-byte image becomes an error
+  entry), then 2-worker distillation with data and checkpoints on S3; the loss goes down and the exported
+  adapter is closer to the teacher than the one it started from.
+* CLIP2SAM: 2-worker training in which worker 1 dies at the start of epoch 1; Ray Train restarts the group,
+  training resumes from epoch 0's checkpoint (not from scratch), the loss goes down, and the checkpoint
+  loads into the labeller both as a model directory and as a release-layout ``--weights clip2sam=`` file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
+
+from click.testing import CliRunner
+
+import ovsam
+from jobs import clip2sam, common, sam2clip, shapes, teacher
+from jobs.data import DataError, read_embedding, read_image
+from ovsam.transforms import preprocess
+from ovsam_batch.cli import main as cli
+
+# Small enough for a few CPU steps, large enough for the adapter's 8-token attention windows (128 / 16).
+IMAGE_SIZE = 128
+TEACHER = teacher.TeacherConfig(image_size=IMAGE_SIZE, embed_dim=32, depth=1, num_heads=2, global_attn_indexes=(0,),
+                                window_size=4, out_channels=128, seed=1)
+# A learning rate high enough for the loss to drop visibly within a handful of steps.
+TEST_LR = 1e-3
+
+
+def _small_preset(directory: pathlib.Path) -> str:
+    config, _ = ovsam.load_config("tiny")
+    path = directory / "tiny_small.json"
+    path.write_text(json.dumps(dataclasses.replace(config, name="tiny_small", image_size=IMAGE_SIZE).to_dict()))
+    return str(path)
+
+
+def _shapes(directory: pathlib.Path, num_images: int, seed: int) -> pathlib.Path:
+    return shapes.generate(shapes.ShapesConfig(str(directory), num_images=num_images, seed=seed, size=IMAGE_SIZE,
+                                               max_objects=3))
+
+
+def _losses_by_epoch(result) -> list[float]:
+    frame = result.metrics_dataframe.sort_values("epoch")
+    return frame["loss"].tolist()
+
+
+@pytest.mark.slow
+def test_sam2clip_on_s3_with_two_workers(ray_cluster, s3_server, tmp_path):
+    bucket = s3_server.make_bucket("sam2clip-test")
+    _shapes(tmp_path / "data", num_images=8, seed=11)
+    fs = fsspec.filesystem("s3")
+    fs.put(str(tmp_path / "data" / "images") + "/", f"{bucket}/images/", recursive=True)
+    fs.pipe(f"{bucket}/images/broken.jpg", b"")  # a zero-byte upload
+
+    manifest = teacher.precompute(teacher.PrecomputeConfig(f"{bucket}/images", f"{bucket}/teacher", TEACHER, batch_size=4))
+    assert manifest["written"] == 8
+    assert [e["path"] for e in manifest["errors"]] == ["broken.jpg"] and "empty" in manifest["errors"][0]["error"]
+    # Re-running skips what exists.
+    again = teacher.precompute(teacher.PrecomputeConfig(f"{bucket}/images", f"{bucket}/teacher", TEACHER, batch_size=4))
+    assert (again["written"], again["existing"]) == (0, 8)
+
+    preset = _small_preset(tmp_path)
+    settings = common.RunSettings(storage=f"{bucket}/runs", name="distil", epochs=2, batch_size=2, lr=TEST_LR,
+                                  num_workers=2, max_failures=0, export=str(tmp_path / "export"))
+    result = sam2clip.run(sam2clip.Sam2ClipJob(preset, f"{bucket}/images", f"{bucket}/teacher", loader_workers=0), settings)
+
+    first, last = _losses_by_epoch(result)
+    assert last < first
+    assert result.metrics["images"] == 8  # both workers' shards, all-reduced
+    assert result.checkpoint.path.startswith("sam2clip-test/runs/distil/")
+    with fsspec.open(f"s3://{result.checkpoint.path}/sam2clip.safetensors", "rb") as handle:
+        keys = list(load_safetensors_bytes(handle.read()))
+    assert keys and all(key.startswith("neck_student.") for key in keys)
+
+    # The exported adapter reproduces the teacher better than the one it started from.
+    image = read_image(str(tmp_path / "data" / "images" / "shapes_000000.jpg"))
+    target = torch.from_numpy(read_embedding(f"{bucket}/teacher/shapes_000000.jpg.npy").astype(np.float32))
+    pixels = preprocess(image, IMAGE_SIZE)[0][None]
+    errors = []
+    for spec in (preset, str(tmp_path / "export")):
+        model = ovsam.load_model(spec, device="cpu")
+        with torch.no_grad():
+            errors.append(torch.nn.functional.mse_loss(model.embed_image(pixels).embedding[0], target).item())
+    assert errors[1] < errors[0]
+
+
+@pytest.mark.slow
+def test_clip2sam_resumes_after_a_worker_dies(ray_cluster, tmp_path, monkeypatch):
+    annotations = _shapes(tmp_path / "data", num_images=12, seed=12)
+    preset = _small_preset(tmp_path)
+    marker = tmp_path / "worker-1-died"
+    monkeypatch.setenv(common.CRASH_ONCE_ENV, f"{marker}:1:1")
+    settings = common.RunSettings(storage=str(tmp_path / "runs"), name="c2s", epochs=2, batch_size=2, lr=TEST_LR,
+                                  num_workers=2, max_failures=1, export=str(tmp_path / "export"))
+    job = clip2sam.Clip2SamJob(preset, str(annotations), str(tmp_path / "data" / "images"), num_points=512,
+                               loader_workers=0)
+    result = clip2sam.run(job, settings)
+
+    assert marker.exists(), "worker 1 should have died once"
+    # The restarted group continued at epoch 1 from epoch 0's checkpoint instead of starting over.
+    assert (result.metrics["epoch"], result.metrics["started_at_epoch"]) == (1, 1)
+    first, last = _losses_by_epoch(result)
+    assert last < first
+
+    export = tmp_path / "export"
+    keys = load_file(str(export / "clip2sam.safetensors"))
+    assert {key.split(".")[0] for key in keys} == {"fpn_neck", "mask_decoder"}
+    trained = ovsam.load_model(export, device="cpu")
+    assert trained.config.trained and trained.config.vocabulary == ",".join(shapes.SHAPE_CLASSES)
+    # The release-layout file alone, given as --weights clip2sam=..., loads into the starting preset.
+    as_weights = ovsam.load_model(preset, weights={"clip2sam": str(export / "clip2sam.safetensors")}, device="cpu")
+    untrained = ovsam.load_model(preset, device="cpu")
+
+    image = read_image(str(tmp_path / "data" / "images" / "shapes_000000.jpg"))
+    boxes = np.array([[10, 10, 70, 70], [40, 30, 120, 100]], np.float32)
+    vocabulary = ovsam.Vocabulary.from_spec(trained.config.vocabulary)
+    predictions = []
+    for model in (trained, as_weights, untrained):
+        predictor = ovsam.Predictor(model, vocabulary)
+        predictor.set_image(image)
+        predictions.append(predictor.predict(boxes=boxes))
+    assert np.array_equal(predictions[0].masks, predictions[1].masks)
+    assert np.allclose(predictions[0].topk_probs, predictions[1].topk_probs)
+    assert not np.allclose(predictions[0].topk_probs, predictions[2].topk_probs)
+
+
+def test_bad_inputs_fail_before_training_in_plain_words(tmp_path):
+    preset = _small_preset(tmp_path)
+    settings = common.RunSettings(storage=str(tmp_path / "runs"), name="x")
+    with pytest.raises(DataError, match="does not exist"):
+        clip2sam.run(clip2sam.Clip2SamJob(preset, str(tmp_path / "missing.json"), str(tmp_path)), settings)
+    (tmp_path / "cats.json").write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))
+    with pytest.raises(common.JobError, match="not in vocabulary"):
+        clip2sam.run(clip2sam.Clip2SamJob(preset, str(tmp_path / "cats.json"), str(tmp_path), vocabulary="dog,bird"), settings)
+    with pytest.raises(DataError, match="needs its SAM checkpoint"):
+        teacher.TeacherConfig.from_spec("vit_h", None)
+    with pytest.raises(common.JobError, match="epochs"):
+        common.RunSettings(storage="x", name="y", epochs=0)
+
+
+def test_commands_report_bad_input_without_a_traceback(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "clip2sam", "--preset", "tiny", "--annotations", str(tmp_path / "none.json"),
+                                 "--images", str(tmp_path), "--storage", str(tmp_path / "runs"), "--name", "x"])
+    assert result.exit_code != 0 and "none.json does not exist" in result.output and "Traceback" not in result.output
+    result = runner.invoke(cli, ["train", "sam2clip", "--preset", "tiny", "--images", str(tmp_path),
+                                 "--embeddings", str(tmp_path / "emb"), "--storage", str(tmp_path / "runs"), "--name", "x"])
+    assert result.exit_code != 0 and "precompute-teacher" in result.output
+    result = runner.invoke(cli, ["train", "precompute-teacher", "--images", str(tmp_path / "none"),
+                                 "--embeddings", str(tmp_path / "emb"), "--teacher", "vit_b"])
+    assert result.exit_code != 0 and "needs its SAM checkpoint" in result.output
+
+
+def test_learning_rate_steps_scale_with_the_epoch_count():
+    assert common.milestones(12) == [8, 11]
+    assert common.milestones(24) == [16, 22]
+    assert common.milestones(3) == [2]

@@ -1,0 +1,45 @@
+"""The `ovsam-batch label` command line: documented options and one-line errors for bad input (no Ray needed)."""
+
+from __future__ import annotations
+
+import re
+
+from click.testing import CliRunner
+
+from ovsam_batch.cli import main
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, ["label", *args])
+
+
+def test_help_documents_every_option_with_an_example():
+    result = _invoke("--help")
+    assert result.exit_code == 0
+    options = set(re.findall(r"--[a-z][a-z-]+", result.output))
+    for option in ("--output", "--mode", "--prompts", "--vocabulary", "--preset", "--weights", "--coco", "--address",
+                   "--gpus-per-worker", "--workers", "--batch-size", "--limit", "--endpoint-url",
+                   "--points-per-side", "--top-k"):
+        assert option in options
+    assert "ovsam-batch label examples/images --output demo-output --coco" in result.output
+
+
+def test_bad_options_and_inputs_end_in_one_line_errors(tmp_path):
+    cases = [
+        (("in", "-o", "out", "--mode", "box"), "--mode box needs --prompts"),
+        (("in", "-o", "out", "--batch-size", "0"), "--batch-size must be >= 1"),
+        (("in", "-o", "out", "--weights", "clip2sam"), "expected PART=SOURCE"),
+        (("in", "-o", "out", "--weights", "decoder=x.pth"), "part must be one of"),
+        (("in", "-o", "out", "--preset", "no-such-model"), "unknown model preset"),
+        ((str(tmp_path), "-o", str(tmp_path / "out"), "--weights", f"clip2sam={tmp_path}/missing.pth"),
+         "does not exist"),
+        ((str(tmp_path / "nothing-here"), "-o", str(tmp_path / "out")), "does not exist"),
+        ((str(tmp_path), "-o", str(tmp_path / "out2")), "no images found"),
+        ((str(tmp_path), "-o", str(tmp_path / "out3"), "--mode", "box", "--prompts", str(tmp_path / "p.json")),
+         "cannot read prompts file"),
+    ]
+    for args, message in cases:
+        result = _invoke(*args)
+        assert result.exit_code != 0, args
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output and not isinstance(result.exception, (TypeError, AttributeError))

@@ -1,0 +1,194 @@
+"""The pipeline's parts without the model: decoding every broken kind, listing, prompts, publishing, resume state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.config import ConfigError, LabelConfig
+from pipelines.decode import MAX_IMAGE_PIXELS, DecodeError, ReadAndDecode, decode_image
+from pipelines.label import WorkerPlan, plan_workers
+from pipelines.output import ANNOTATIONS_DIR, IMAGES_DIR, OutputStore
+from pipelines.predict import INVALID_PROMPT, NO_PROMPTS, PROMPT_OUTSIDE_IMAGE, PromptCheckError, checked_boxes
+from pipelines.prompts import PromptsFileError, load_box_prompts
+from pipelines.storage import list_inputs, open_for_publish, open_fs, redact_text, redact_uri
+from schemas.annotations import AnnotationColumns
+from schemas.tables import IMAGES_SCHEMA
+from tests.pipeline_cases import huge_png_header, image_cases
+from tests.test_schemas import LABELS, random_prediction
+
+
+@pytest.mark.parametrize("case", image_cases(num_normal=1), ids=lambda case: case.name)
+def test_decode_gives_rgb_or_the_expected_error_kind(case):
+    if case.error_kind:
+        with pytest.raises(DecodeError) as caught:
+            decode_image(case.data)
+        assert caught.value.kind == case.error_kind
+        assert str(caught.value)  # a sentence for the images table
+        return
+    rgb = decode_image(case.data)
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    assert (rgb.shape[1], rgb.shape[0]) == case.size
+
+
+def test_sixteen_bit_keeps_its_full_range():
+    grey16 = next(c for c in image_cases(0) if c.name == "grey16.png")
+    rgb = decode_image(grey16.data)
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, -1].tolist() == [255, 255, 255]
+    assert len(np.unique(rgb[0, :, 0])) > 30  # a gradient, not saturated to two values
+
+
+def test_the_bomb_limit_reads_only_the_header():
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+    with pytest.raises(DecodeError, match="exceeds the limit") as caught:
+        decode_image(huge_png_header(side, side))
+    assert caught.value.kind == "too_large"
+
+
+def test_read_stage_turns_a_missing_file_into_an_unreadable_row(tmp_path):
+    good = next(c for c in image_cases(1) if c.error_kind is None)
+    (tmp_path / "good.jpg").write_bytes(good.data)
+    uris = np.array([str(tmp_path / "good.jpg"), str(tmp_path / "missing.jpg")], dtype=object)
+    out = ReadAndDecode(endpoint_url=None)({"source_uri": uris, "image_uri": uris})
+    assert list(out["error_kind"]) == ["", "unreadable"]
+    assert out["width"][0] == good.size[0] and out["width"][1] == -1
+    assert len(out["pixels"][0]) == good.size[0] * good.size[1] * 3 and out["pixels"][1] == b""
+
+
+def test_listing_folder_glob_manifest_and_s3(tmp_path, s3_server):
+    for name in ("b.jpg", "a.PNG", "sub/c.jpeg", "notes.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    folder = list_inputs(str(tmp_path))
+    assert folder.keys == ("a.PNG", "b.jpg", "sub/c.jpeg") and folder.ignored == 1
+    assert all(uri.startswith("file://") for uri in folder.uris)
+    assert list_inputs(str(tmp_path / "*.jpg")).keys == ("b.jpg",)
+    (tmp_path / "list.txt").write_text("# images\nb.jpg\n\nsub/c.jpeg\nb.jpg\ns3://bucket/x.jpg\n")
+    manifest = list_inputs(str(tmp_path / "list.txt"))
+    assert len(manifest.uris) == 3 and f"file://{tmp_path}/sub/c.jpeg" in manifest.uris
+    (tmp_path / "local.txt").write_text(f"b.jpg\n{tmp_path}/sub/c.jpeg\n")
+    assert list_inputs(str(tmp_path / "local.txt")).keys == ("b.jpg", "sub/c.jpeg")  # relative to the shared folder
+    with pytest.raises(FileNotFoundError):
+        list_inputs(str(tmp_path / "nope"))
+
+    bucket = s3_server.make_bucket("listing-test")
+    fs = fsspec.filesystem("s3")
+    for name in ("in/1.jpg", "in/2.jpg", "in/deeper/3.png", "other/4.jpg"):
+        fs.pipe(f"{bucket}/{name}", b"x")
+    assert list_inputs(f"{bucket}/in").keys == ("1.jpg", "2.jpg", "deeper/3.png")
+    assert list_inputs(f"{bucket}/in/*.jpg").uris == (f"{bucket}/in/1.jpg", f"{bucket}/in/2.jpg")
+    # An explicit endpoint option reaches the same server.
+    explicit = list_inputs(f"{bucket}/in", endpoint_url=s3_server.endpoint_url)
+    assert len(explicit.uris) == 3
+
+
+def test_redaction_removes_userinfo_and_signed_query_values():
+    assert redact_uri("https://user:pw@host/a.jpg?X-Amz-Signature=abc&size=2") == \
+        "https://host/a.jpg?X-Amz-Signature=REDACTED&size=2"
+    assert redact_uri("s3://bucket/key.jpg") == "s3://bucket/key.jpg"
+    assert redact_uri("/local/path.jpg") == "/local/path.jpg"
+    assert redact_text("NoCredentialsError: failed GET https://k:s@h/x?sig=1 now") == \
+        "NoCredentialsError: failed GET https://h/x?sig=REDACTED now"
+    config = LabelConfig(input="s3://b/in", output="s3://b/out", endpoint_url="http://key:secret@minio:9000")
+    assert "secret" not in json.dumps(config.public_dict())
+
+
+def test_config_rejects_contradictions():
+    with pytest.raises(ConfigError, match="--prompts"):
+        LabelConfig(input="a", output="b", mode="box")
+    with pytest.raises(ConfigError, match="--batch-size"):
+        LabelConfig(input="a", output="b", batch_size=0)
+    with pytest.raises(ConfigError, match="differ"):
+        LabelConfig(input="a/", output="a")
+
+
+def test_worker_plan_splits_the_cluster():
+    config = LabelConfig(input="a", output="b")
+    assert plan_workers(config, cpus=2, gpus=0) == WorkerPlan(1, 1, 0, 1)  # model 1 core, decode 1 core
+    assert plan_workers(config, cpus=16, gpus=0) == WorkerPlan(1, 15, 0, 1)
+    assert plan_workers(config, cpus=16, gpus=4) == WorkerPlan(4, 1, 1.0, 12)
+    halves = dataclasses.replace(config, gpus_per_worker=0.5)
+    assert plan_workers(halves, cpus=16, gpus=2) == WorkerPlan(4, 1, 0.5, 12)
+    assert plan_workers(dataclasses.replace(config, workers=3), cpus=8, gpus=0) == WorkerPlan(3, 2, 0, 2)
+
+
+def test_box_checks_clip_partial_boxes_and_name_bad_ones():
+    clipped = checked_boxes(np.array([-5, 2, 50, 20], np.float32).tobytes(), width=40, height=30)
+    assert clipped.tolist() == [[0, 2, 40, 20]]
+    for flat, kind in (([], NO_PROMPTS), ([50, 50, 60, 60], PROMPT_OUTSIDE_IMAGE), ([5, 5, 5, 9], INVALID_PROMPT),
+                       ([0, 0, np.nan, 3], INVALID_PROMPT)):
+        with pytest.raises(PromptCheckError) as caught:
+            checked_boxes(np.array(flat, np.float32).tobytes(), width=40, height=30)
+        assert caught.value.kind == kind
+
+
+def test_prompts_from_coco_and_parquet(tmp_path):
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+            "annotations": [{"image_id": 1, "bbox": [1, 2, 3, 4]}, {"image_id": 1, "bbox": [0, 0, 5, 5]},
+                            {"image_id": 2, "bbox": [10, 10, 1, 1]}]}
+    (tmp_path / "p.json").write_text(json.dumps(coco))
+    boxes = load_box_prompts(str(tmp_path / "p.json"))
+    assert boxes["a.jpg"].tolist() == [[1, 2, 4, 6], [0, 0, 5, 5]] and boxes["b.jpg"].tolist() == [[10, 10, 11, 11]]
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": ["a.jpg"], "bbox": [[1.0, 2.0, 3.0, 4.0]]}), tmp_path / "p.parquet")
+    assert load_box_prompts(str(tmp_path / "p.parquet"))["a.jpg"].tolist() == [[1, 2, 4, 6]]
+    (tmp_path / "bad.json").write_text('{"images": []')
+    with pytest.raises(PromptsFileError, match="not COCO JSON"):
+        load_box_prompts(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_publish_is_all_or_nothing(where, tmp_path, s3_server):
+    prefix = str(tmp_path) if where == "local" else s3_server.make_bucket("publish-test") + "/out"
+    fs, root = open_fs(prefix)
+    with pytest.raises(RuntimeError):
+        with open_for_publish(fs, f"{root}/x.json", "wt") as out:
+            out.write("half")
+            raise RuntimeError("killed while writing")
+    assert not fs.exists(f"{root}/x.json")
+    with open_for_publish(fs, f"{root}/x.json", "wt") as out:
+        out.write("whole")
+    assert fs.cat_file(f"{root}/x.json") == b"whole"
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] == ["x.json"]  # no temp left behind
+
+
+def _images_rows(uris: list[str]) -> pa.Table:
+    return pa.table({"image_uri": uris, "width": [8] * len(uris), "height": [8] * len(uris),
+                     "status": ["ok"] * len(uris), "error_kind": [None] * len(uris), "error": [None] * len(uris),
+                     "num_annotations": [2] * len(uris)}, schema=IMAGES_SCHEMA)
+
+
+def test_store_resume_state_drops_uncommitted_annotations(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    annotations = AnnotationColumns.empty()
+    for uri in ("a.jpg", "b.jpg"):
+        annotations.extend(AnnotationColumns.from_prediction(uri, random_prediction(0, 8, 8, 2), LABELS))
+    store.write_part(_images_rows(["a.jpg", "b.jpg"]), annotations.to_table(), {"model": "test"})
+    # A run killed between its two publishes: the annotations part is there, its images part is not.
+    orphan = AnnotationColumns.from_prediction("c.jpg", random_prediction(1, 8, 8, 2), LABELS).to_table()
+    store.fs.pipe(store.path(ANNOTATIONS_DIR, "part-killed.parquet"), _parquet(orphan))
+    store.fs.pipe(store.path(IMAGES_DIR, ".part-x.parquet.123.tmp"), b"half")
+
+    assert store.recover() == 1
+    assert store.done_uris() == {"a.jpg", "b.jpg"}
+    assert sorted(store.read_table(ANNOTATIONS_DIR).column("image_uri").to_pylist()) == ["a.jpg"] * 2 + ["b.jpg"] * 2
+    assert not store.fs.glob(store.path(IMAGES_DIR, ".*"))
+    with pytest.raises(Exception, match="image_uri"):
+        store.write_part(_images_rows(["d.jpg"]).drop_columns(["image_uri"]), annotations.to_table(), {})
+
+
+def _parquet(table: pa.Table) -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()

@@ -1,0 +1,83 @@
+"""Resume: the CLI is killed (SIGKILL) part-way, the same command is run again, every image ends up exactly once.
+
+The kill also lands, for one batch, between its two publishes (annotations part written, images part not):
+that state is produced by removing one committed images part after the kill, exactly what a kill at that
+instant leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.output import ANNOTATIONS_DIR, IMAGES_DIR, OutputStore
+from tests.pipeline_cases import shapes_image
+
+NUM_IMAGES = 14
+BATCH_SIZE = 2
+# Seconds to let Ray reap the killed driver's actors before the re-run (a dying writer must not publish
+# while the next run lists the output).
+_REAP_WAIT_S = 5
+_RUN_TIMEOUT_S = 240
+
+
+def _cli(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "ovsam-batch"), "label", *args]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_every_image_exactly_once(ray_cluster, tmp_path):
+    images_dir, output = tmp_path / "images", tmp_path / "out"
+    images_dir.mkdir()
+    boxes: dict[str, list] = {}
+    for index in range(NUM_IMAGES):
+        name = f"img_{index:02d}.jpg"
+        shapes_image(index, 64, 48).save(images_dir / name)
+        boxes[name] = [[4, 4, 20, 20], [30, 10, 30, 30]][: 1 + index % 2]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({
+        "images": [{"id": i, "file_name": name} for i, name in enumerate(boxes)],
+        "annotations": [{"id": k, "image_id": i, "bbox": box} for k, (i, box) in
+                        enumerate((i, b) for i, bs in enumerate(boxes.values()) for b in bs)]}))
+    command = _cli(str(images_dir), "--output", str(output), "--mode", "box", "--prompts", str(prompts),
+                   "--batch-size", str(BATCH_SIZE), "--address", ray_cluster.address, "--coco")
+
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + _RUN_TIMEOUT_S
+    while len(list((output / IMAGES_DIR).glob("part-*.parquet"))) < 2:
+        assert first.poll() is None, "the run finished before it could be killed"
+        assert time.monotonic() < deadline, "no part was published in time"
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    time.sleep(_REAP_WAIT_S)
+
+    store = OutputStore(str(output))
+    committed = store.committed_parts()
+    done_before = store.done_uris()
+    assert 0 < len(done_before) < NUM_IMAGES, "the kill must land part-way"
+    # A kill between the two publishes of a batch: its annotations part exists, its images part does not.
+    store.fs.rm(store.path(IMAGES_DIR, committed[0]))
+    assert store.fs.exists(store.path(ANNOTATIONS_DIR, committed[0]))
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=_RUN_TIMEOUT_S)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Skipped" in second.stdout and "Removed 1 unfinished part" in second.stdout
+
+    images = store.read_table(IMAGES_DIR).to_pylist()
+    annotations = store.read_table(ANNOTATIONS_DIR).to_pylist()
+    uris = [row["image_uri"] for row in images]
+    assert sorted(uris) == sorted(f"file://{images_dir}/{name}" for name in boxes)  # each exactly once
+    assert all(row["status"] == "ok" for row in images)
+    ids = [row["annotation_id"] for row in annotations]
+    assert len(ids) == len(set(ids)) == sum(len(b) for b in boxes.values())  # no annotation twice or lost
+    assert sorted(store.committed_parts()) == sorted(p.name for p in (output / ANNOTATIONS_DIR).glob("part-*"))
+    coco = json.loads((output / "coco.json").read_text())
+    assert len(coco["images"]) == NUM_IMAGES and len(coco["annotations"]) == len(ids)
