@@ -212,8 +212,10 @@ class _ray_session:
 
     def __enter__(self):
         if not ray.is_initialized():
-            ray.init(address=self.config.address, include_dashboard=False, logging_level="WARNING",
-                     configure_logging=True)
+            if self.config.address:
+                ray.init(address=self.config.address)
+            else:
+                ray.init(include_dashboard=False, logging_level="WARNING")
             self.owned = True
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # our own bar below: images, errors, images/s

@@ -12,10 +12,13 @@ image, so that fixing the prompts file and labelling the image again gives a com
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
 
 from pipelines.config import LabelConfig
+from pipelines.storage import redact_text
 from schemas.annotations import AnnotationColumns, TooManyAnnotationsError
 from schemas.tables import STATUS_ERROR, STATUS_OK
 
@@ -24,6 +27,10 @@ PROMPT_OUTSIDE_IMAGE = "prompt_outside_image"
 INVALID_PROMPT = "invalid_prompt"
 TOO_MANY_OBJECTS = "too_many_objects"
 MODEL_ERROR = "model_error"  # the model failed on this image for another reason (message says which)
+# Pixels of the images in one model call. The call returns full-resolution masks for all of them
+# (objects × H × W bytes: 200 objects on 16 MP is 3.2 GB), so this bounds an actor's memory; 16 MP is
+# sixteen 1 MP photos (embeddings batched as the GPU likes) or one large scan alone.
+MAX_PIXELS_PER_MODEL_CALL = 16_000_000
 
 
 class PromptCheckError(Exception):
@@ -119,7 +126,7 @@ class LabelImages:
                 status[row], kinds[row], errors[row] = STATUS_ERROR, TOO_MANY_OBJECTS, str(err)
             except Exception as err:  # noqa: BLE001 - one image's failure is its error row, never the run's
                 status[row], kinds[row] = STATUS_ERROR, _error_kind(err)
-                errors[row] = f"{type(err).__name__}: {err}"
+                errors[row] = redact_text(f"{type(err).__name__}: {err}")
         return {
             "image_uri": batch["image_uri"], "width": batch["width"], "height": batch["height"],
             "status": np.array(status, dtype=object), "error_kind": np.array(kinds, dtype=object),
@@ -127,32 +134,49 @@ class LabelImages:
             "annotations": np.array(annotations, dtype=object),
         }
 
-    def _predict(self, work: list[tuple[np.ndarray, np.ndarray | None]]) -> list:
-        """Predictions for ``work`` in order; an image whose prediction fails gets its exception instead.
+    def _predict(self, work: list[tuple[np.ndarray, np.ndarray | None]]) -> Iterator:
+        """Predictions for ``work`` in order, one at a time; an image whose prediction fails yields its exception.
 
-        The whole batch goes through the batched call; only if that fails is each image redone alone,
-        to find which one failed without losing the others.
+        Images go to the model in groups of at most `MAX_PIXELS_PER_MODEL_CALL` pixels (one batched embedding
+        pass each), and each group's masks are encoded before the next group runs, so full-resolution masks
+        of only one group are ever held. If a group fails, each of its images is redone alone to find which
+        one failed without losing the others.
         """
-        if not work:
-            return []
-        images = [rgb for rgb, _ in work]
-        try:
-            if self.labeller is not None:
-                return list(self.labeller.generate_images(images))
-            return list(self.predictor.predict_images(images, [boxes for _, boxes in work]))
-        except Exception:  # noqa: BLE001 - isolate the failing image below
-            pass
-        results = []
-        for rgb, boxes in work:
+        for group in pixel_groups(work):
+            images = [rgb for rgb, _ in group]
             try:
                 if self.labeller is not None:
-                    results.append(self.labeller.generate(rgb))
+                    predictions = self.labeller.generate_images(images)
                 else:
-                    self.predictor.set_image(rgb)
-                    results.append(self.predictor.predict(boxes=boxes))
-            except Exception as err:  # noqa: BLE001 - becomes this image's error row
-                results.append(err)
-        return results
+                    predictions = self.predictor.predict_images(images, [boxes for _, boxes in group])
+            except Exception:  # noqa: BLE001 - isolate the failing image below
+                predictions = [self._predict_alone(rgb, boxes) for rgb, boxes in group]
+            yield from predictions
+            del predictions  # this group's masks are encoded: free them before the next group runs
+
+    def _predict_alone(self, rgb: np.ndarray, boxes: np.ndarray | None):
+        try:
+            if self.labeller is not None:
+                return self.labeller.generate(rgb)
+            self.predictor.set_image(rgb)
+            return self.predictor.predict(boxes=boxes)
+        except Exception as err:  # noqa: BLE001 - becomes this image's error row
+            return err
+
+
+def pixel_groups(work: list[tuple[np.ndarray, np.ndarray | None]]) -> Iterator[list]:
+    """Consecutive groups of ``work`` whose images hold at most `MAX_PIXELS_PER_MODEL_CALL` pixels together
+    (an image larger than that forms a group of its own)."""
+    group, pixels = [], 0
+    for item in work:
+        size = item[0].shape[0] * item[0].shape[1]
+        if group and pixels + size > MAX_PIXELS_PER_MODEL_CALL:
+            yield group
+            group, pixels = [], 0
+        group.append(item)
+        pixels += size
+    if group:
+        yield group
 
 
 def _error_kind(err: Exception) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import posixpath
 import re
 import urllib.parse
@@ -25,6 +26,8 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 # Query parameters that carry secrets in signed URLs (S3/GCS/Azure presigned, generic tokens).
 _SECRET_QUERY_KEY = re.compile(r"signature|credential|token|secret|password|key|sig$|^x-amz-", re.I)
 REDACTED = "REDACTED"
+_SECRET_ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_MIN_SECRET_LENGTH = 4  # shorter values would blank ordinary words; real keys are 16+ characters
 
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
@@ -43,8 +46,13 @@ def redact_uri(uri: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """``text`` (e.g. an error message) with every URL in it passed through `redact_uri`."""
-    return _URL_IN_TEXT.sub(lambda match: redact_uri(match.group()), text)
+    """``text`` (e.g. an error message) with every URL in it passed through `redact_uri`, and any credential
+    of the environment's AWS chain (some S3 errors echo the key id) replaced by ``REDACTED``."""
+    text = _URL_IN_TEXT.sub(lambda match: redact_uri(match.group()), text)
+    for name in _SECRET_ENVIRONMENT:
+        if len(value := os.environ.get(name, "")) >= _MIN_SECRET_LENGTH:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 def storage_options(url: str, endpoint_url: str | None) -> dict:

@@ -14,7 +14,15 @@ from pipelines.config import ConfigError, LabelConfig
 from pipelines.decode import MAX_IMAGE_PIXELS, DecodeError, ReadAndDecode, decode_image
 from pipelines.label import WorkerPlan, plan_workers
 from pipelines.output import ANNOTATIONS_DIR, IMAGES_DIR, OutputStore
-from pipelines.predict import INVALID_PROMPT, NO_PROMPTS, PROMPT_OUTSIDE_IMAGE, PromptCheckError, checked_boxes
+from pipelines.predict import (
+    INVALID_PROMPT,
+    MAX_PIXELS_PER_MODEL_CALL,
+    NO_PROMPTS,
+    PROMPT_OUTSIDE_IMAGE,
+    PromptCheckError,
+    checked_boxes,
+    pixel_groups,
+)
 from pipelines.prompts import PromptsFileError, load_box_prompts
 from pipelines.storage import list_inputs, open_for_publish, open_fs, redact_text, redact_uri
 from schemas.annotations import AnnotationColumns
@@ -87,7 +95,9 @@ def test_listing_folder_glob_manifest_and_s3(tmp_path, s3_server):
     assert len(explicit.uris) == 3
 
 
-def test_redaction_removes_userinfo_and_signed_query_values():
+def test_redaction_removes_userinfo_and_signed_query_values(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEY123")
+    assert redact_text("InvalidAccessKeyId: AKIAEXAMPLEKEY123 unknown") == "InvalidAccessKeyId: REDACTED unknown"
     assert redact_uri("https://user:pw@host/a.jpg?X-Amz-Signature=abc&size=2") == \
         "https://host/a.jpg?X-Amz-Signature=REDACTED&size=2"
     assert redact_uri("s3://bucket/key.jpg") == "s3://bucket/key.jpg"
@@ -105,6 +115,16 @@ def test_config_rejects_contradictions():
         LabelConfig(input="a", output="b", batch_size=0)
     with pytest.raises(ConfigError, match="differ"):
         LabelConfig(input="a/", output="a")
+
+
+def test_model_calls_are_grouped_by_pixels():
+    def image(side):
+        return np.zeros((side, side, 3), np.uint8), None
+
+    work = [image(2000), image(2000), image(2000), image(2000), image(5000), image(10)]  # 4 MP each, 25 MP
+    sizes = [[item[0].shape[0] for item in group] for group in pixel_groups(work)]
+    assert sizes == [[2000] * 4, [5000], [10]]
+    assert sum(MAX_PIXELS_PER_MODEL_CALL >= sum(s * s for s in group) for group in sizes) == 2  # 5000² alone
 
 
 def test_worker_plan_splits_the_cluster():
