@@ -12,7 +12,17 @@ class WeightsError(OVSAMError):
 
 
 class PromptError(OVSAMError):
-    """A box or point prompt is invalid for the image it is applied to (e.g. outside the image)."""
+    """A box or point prompt is invalid for the image it is applied to.
+
+    `kind` says which way, for tables of errors: "prompt_outside_image" or "invalid_prompt".
+    """
+
+    OUTSIDE_IMAGE = "prompt_outside_image"
+    INVALID = "invalid_prompt"
+
+    def __init__(self, message: str, kind: str = INVALID) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class VocabularyError(OVSAMError):

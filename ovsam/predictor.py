@@ -130,7 +130,7 @@ class Predictor:
         if (boxes is None) == (points is None):
             raise ValueError("give either boxes or points")
         if boxes is not None:
-            prompts = validate_boxes(boxes, frame)
+            prompts = validate_boxes(boxes, frame.original_size)
             prompt_type = "box"
             if region_boxes is None:
                 region_boxes = prompts

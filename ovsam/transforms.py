@@ -98,22 +98,23 @@ def upscale_masks(low_res_masks: torch.Tensor, frame: ImageFrame) -> torch.Tenso
     return x[:, 0]
 
 
-def validate_boxes(boxes: np.ndarray, frame: ImageFrame) -> np.ndarray:
-    """Check [N, 4] xyxy boxes against the image and clip them to it.
+def validate_boxes(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Check [N, 4] xyxy boxes against an image of (height, width) pixels and clip them to it.
 
-    A box that is not finite, has x2 <= x1 or y2 <= y1, or does not overlap the image raises PromptError.
+    A box partly outside is clipped (detector boxes often overshoot by a pixel). A box that is not
+    finite, has x2 <= x1 or y2 <= y1, or does not overlap the image raises PromptError.
     """
     boxes = np.asarray(boxes, dtype=np.float32)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise PromptError(f"boxes must have shape [N, 4] (x1, y1, x2, y2), got {list(boxes.shape)}")
-    h, w = frame.original_size
+    h, w = image_size
     for i, (x1, y1, x2, y2) in enumerate(boxes):
+        shown = [float(v) for v in (x1, y1, x2, y2)]
         if not np.isfinite([x1, y1, x2, y2]).all() or x2 <= x1 or y2 <= y1:
-            raise PromptError(f"box {i} {[float(v) for v in (x1, y1, x2, y2)]} is not a valid x1, y1, x2, y2 box")
+            raise PromptError(f"box {i} (x1, y1, x2, y2) = {shown} is empty or not finite")
         if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
-            raise PromptError(
-                f"box {i} {[float(v) for v in (x1, y1, x2, y2)]} lies outside the {w}x{h} image"
-            )
+            raise PromptError(f"box {i} (x1, y1, x2, y2) = {shown} lies outside the {w}x{h} image",
+                              PromptError.OUTSIDE_IMAGE)
     return np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
 
 
@@ -127,5 +128,6 @@ def validate_points(points: np.ndarray, frame: ImageFrame) -> np.ndarray:
         | (points[..., 0] >= w) | (points[..., 1] >= h)
     if outside.any():
         i, j = np.argwhere(outside)[0]
-        raise PromptError(f"point {j} of prompt {i} {points[i, j].tolist()} lies outside the {w}x{h} image")
+        raise PromptError(f"point {j} of prompt {i} {points[i, j].tolist()} lies outside the {w}x{h} image",
+                          PromptError.OUTSIDE_IMAGE)
     return points

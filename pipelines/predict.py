@@ -23,8 +23,6 @@ from schemas.annotations import AnnotationColumns, TooManyAnnotationsError
 from schemas.tables import STATUS_ERROR, STATUS_OK
 
 NO_PROMPTS = "no_prompts"
-PROMPT_OUTSIDE_IMAGE = "prompt_outside_image"
-INVALID_PROMPT = "invalid_prompt"
 TOO_MANY_OBJECTS = "too_many_objects"
 MODEL_ERROR = "model_error"  # the model failed on this image for another reason (message says which)
 # Pixels of the images in one model call. The call returns full-resolution masks for all of them
@@ -42,20 +40,19 @@ class PromptCheckError(Exception):
 def checked_boxes(packed_boxes: bytes, width: int, height: int) -> np.ndarray:
     """float32 bytes x1, y1, x2, y2, ... (pixels) → [N, 4] float32 boxes clipped to the image.
 
-    Raises `PromptCheckError` for no box, a non-finite or empty box, or a box wholly outside the image.
+    Raises `PromptCheckError` for no box, or for a box the model would refuse (`ovsam.PromptError`: not
+    finite, empty, or wholly outside the image), before the image joins a batched model call.
     """
+    import ovsam
+    from ovsam.transforms import validate_boxes
+
     boxes = np.frombuffer(packed_boxes, dtype=np.float32).reshape(-1, 4)
     if len(boxes) == 0:
         raise PromptCheckError(NO_PROMPTS, "box mode, but the prompts file has no box for this image")
-    for index, (x1, y1, x2, y2) in enumerate(boxes):
-        if not np.all(np.isfinite([x1, y1, x2, y2])) or x2 <= x1 or y2 <= y1:
-            raise PromptCheckError(INVALID_PROMPT, f"box {index} (x1, y1, x2, y2) = "
-                                                   f"{[float(v) for v in (x1, y1, x2, y2)]} is empty or not finite")
-        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-            raise PromptCheckError(PROMPT_OUTSIDE_IMAGE, f"box {index} (x1, y1, x2, y2) = "
-                                                         f"{[float(v) for v in (x1, y1, x2, y2)]} lies outside "
-                                                         f"the {width}×{height} image")
-    return np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+    try:
+        return validate_boxes(boxes, (height, width))
+    except ovsam.PromptError as err:
+        raise PromptCheckError(err.kind, str(err)) from err
 
 
 def serialize(columns: AnnotationColumns) -> bytes:
@@ -183,5 +180,5 @@ def _error_kind(err: Exception) -> str:
     import ovsam
 
     if isinstance(err, ovsam.PromptError):
-        return INVALID_PROMPT
+        return err.kind
     return MODEL_ERROR

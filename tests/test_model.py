@@ -96,7 +96,7 @@ def test_prompts_outside_the_image_raise_prompt_error(predictor, image):
     predictor.set_image(image)
     with pytest.raises(ovsam.PromptError, match="outside the 320x240 image"):
         predictor.predict(boxes=np.array([[400, 300, 500, 400]], np.float32))
-    with pytest.raises(ovsam.PromptError, match="not a valid"):
+    with pytest.raises(ovsam.PromptError, match="empty or not finite"):
         predictor.predict(boxes=np.array([[50, 50, 40, 80]], np.float32))
     with pytest.raises(ovsam.PromptError, match="outside"):
         predictor.predict(points=np.array([[[-5, 10]]], np.float32))

@@ -14,11 +14,10 @@ from pipelines.config import ConfigError, LabelConfig
 from pipelines.decode import MAX_IMAGE_PIXELS, DecodeError, ReadAndDecode, decode_image
 from pipelines.label import WorkerPlan, plan_workers
 from pipelines.output import ANNOTATIONS_DIR, IMAGES_DIR, OutputStore
+from ovsam import PromptError
 from pipelines.predict import (
-    INVALID_PROMPT,
     MAX_PIXELS_PER_MODEL_CALL,
     NO_PROMPTS,
-    PROMPT_OUTSIDE_IMAGE,
     PromptCheckError,
     checked_boxes,
     pixel_groups,
@@ -140,8 +139,8 @@ def test_worker_plan_splits_the_cluster():
 def test_box_checks_clip_partial_boxes_and_name_bad_ones():
     clipped = checked_boxes(np.array([-5, 2, 50, 20], np.float32).tobytes(), width=40, height=30)
     assert clipped.tolist() == [[0, 2, 40, 20]]
-    for flat, kind in (([], NO_PROMPTS), ([50, 50, 60, 60], PROMPT_OUTSIDE_IMAGE), ([5, 5, 5, 9], INVALID_PROMPT),
-                       ([0, 0, np.nan, 3], INVALID_PROMPT)):
+    for flat, kind in (([], NO_PROMPTS), ([50, 50, 60, 60], PromptError.OUTSIDE_IMAGE), ([5, 5, 5, 9], PromptError.INVALID),
+                       ([0, 0, np.nan, 3], PromptError.INVALID)):
         with pytest.raises(PromptCheckError) as caught:
             checked_boxes(np.array(flat, np.float32).tobytes(), width=40, height=30)
         assert caught.value.kind == kind

@@ -16,7 +16,8 @@ from pycocotools.coco import COCO
 from pipelines.config import LabelConfig
 from pipelines.label import run_label
 from pipelines.output import ANNOTATIONS_DIR, COCO_FILE, IMAGES_DIR, RUN_FILE, OutputStore
-from pipelines.predict import NO_PROMPTS, PROMPT_OUTSIDE_IMAGE
+from ovsam import PromptError
+from pipelines.predict import NO_PROMPTS
 from schemas.annotations import decode_rle
 from schemas.tables import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, STATUS_OK, validate
 from tests.pipeline_cases import image_cases
@@ -116,7 +117,7 @@ def test_box_mode_from_a_manifest_with_coco_prompts(ray_cluster, input_bucket, t
     images, annotations = _check_tables(store)
     by_name = {row["image_uri"].rsplit("/", 1)[-1]: row for row in images}
     assert sorted(by_name) == sorted(chosen)
-    assert by_name["normal_02.jpg"]["error_kind"] == PROMPT_OUTSIDE_IMAGE
+    assert by_name["normal_02.jpg"]["error_kind"] == PromptError.OUTSIDE_IMAGE
     assert "outside" in by_name["normal_02.jpg"]["error"]
     assert by_name["normal_03.jpg"]["error_kind"] == NO_PROMPTS
     assert by_name["zero_bytes.jpg"]["error_kind"] == "empty"
