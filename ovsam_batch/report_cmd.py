@@ -19,7 +19,8 @@ from pipelines.viz.report import ReportConfig, write_report
 @click.option("--per-label", default=6, show_default=True, type=click.IntRange(min=1),
               help="Sampled objects per label in the gallery.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the gallery sample.")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS).")
+@click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", show_envvar=True,
+              help="S3-compatible endpoint (MinIO, Ceph...) for s3:// outputs and images. Default: AWS.")
 def main(output: str, out_file: str, top_labels: int, gallery_labels: int, per_label: int, seed: int,
          endpoint_url: str | None) -> None:
     """Write an HTML report of OUTPUT (the --output of `ovsam-batch label`, local or s3://).

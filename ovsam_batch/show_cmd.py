@@ -22,7 +22,8 @@ from pipelines.viz.show import ShowConfig, show
 @click.option("--max-score", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Draw only annotations with score <= this.")
 @click.option("--columns", default=4, show_default=True, type=click.IntRange(min=1), help="Contact sheet columns.")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS).")
+@click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", show_envvar=True,
+              help="S3-compatible endpoint (MinIO, Ceph...) for s3:// outputs and images. Default: AWS.")
 def main(output: str, out_dir: str, images: tuple[str, ...], sample: int, seed: int, labels: tuple[str, ...],
          min_score: float, max_score: float, columns: int, endpoint_url: str | None) -> None:
     """Draw the masks, labels and scores of OUTPUT (the --output of `ovsam-batch label`, local or s3://).

@@ -49,6 +49,7 @@ MAX_LIST_SHOWN = 8  # items of a long list in run.json shown before "…"
 MAX_ERROR_ROWS = 200  # error rows listed individually; counts by reason cover all of them
 GALLERY_CROP_MARGIN = 0.15  # fraction of the box side added around a gallery crop, for context
 GALLERY_MIN_MARGIN_PX = 8
+GALLERY_BACKGROUND = (241, 243, 246)  # around crops that are not square
 _MIX_MULTIPLIERS = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
 
@@ -219,7 +220,8 @@ def build_gallery(
 
 def _gallery_picture(rgb: np.ndarray, mask: np.ndarray, row: dict) -> Image.Image:
     """A crop of ``rgb`` around the object of ``row`` with its ``mask`` drawn in a colour that stands out,
-    scaled so its longer side is `GALLERY_THUMB_PX` (small objects enlarged, large ones shrunk)."""
+    scaled so its longer side is `GALLERY_THUMB_PX` (small objects enlarged, large ones shrunk) and centred
+    on a square tile."""
     x0, y0, x1, y1 = _crop_box(row["bbox"], *mask.shape)
     x, y, w, h = row["bbox"]
     crop = rgb[y0:y1, x0:x1]
@@ -227,7 +229,10 @@ def _gallery_picture(rgb: np.ndarray, mask: np.ndarray, row: dict) -> Image.Imag
     picture = render_overlay(crop, [obj], draw_text=False, colours=[contrasting_colour(crop)])
     scale = GALLERY_THUMB_PX / max(picture.size)
     size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
-    return picture.resize(size, Image.Resampling.LANCZOS)
+    tile = Image.new("RGB", (GALLERY_THUMB_PX, GALLERY_THUMB_PX), GALLERY_BACKGROUND)  # square: rows line up
+    tile.paste(picture.resize(size, Image.Resampling.LANCZOS),
+               ((GALLERY_THUMB_PX - size[0]) // 2, (GALLERY_THUMB_PX - size[1]) // 2))
+    return tile
 
 
 def _area_tick(log10_area: float) -> str:

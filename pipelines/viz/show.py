@@ -74,8 +74,8 @@ def show(config: ShowConfig) -> ShowResult:
     else:
         uris = sorted(output.sample_images(config.sample, config.seed, flt))  # sheet in file order
         if not uris:
-            what = "no labelled images" if flt.is_everything else "no annotations pass the filter"
-            raise VizError(f"nothing to show: {output.display} has {what}")
+            what = "has no labelled image" if flt.is_everything else "has no annotation that passes the filter"
+            raise VizError(f"nothing to show: {output.display} {what}")
     image_rows = output.image_rows(uris)
     by_image: dict[str, list[dict]] = defaultdict(list)
     for row in output.annotations_of(uris, flt).to_pylist():

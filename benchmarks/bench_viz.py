@@ -9,7 +9,7 @@ belongs to one step:
 * ``show``: sampling 16 images and drawing them;
 * ``full load``: reading the annotations table whole with pyarrow, for comparison.
 
-    python benchmarks/viz_large_output.py --annotations 1000000 --work /tmp/viz-bench
+    python benchmarks/bench_viz.py --annotations 1000000 --work /tmp/viz-bench
 
 Prints seconds and peak RSS (MiB) per step.
 """
