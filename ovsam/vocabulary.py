@@ -285,12 +285,7 @@ def embed_vocabulary(
                 "ignoring vocabulary embedding cache %s of shape %s, recomputing", cache_file, tuple(cached.shape)
             )
 
-    prompts = [
-        template.format(synonym)
-        for class_synonyms in vocabulary.synonyms
-        for synonym in class_synonyms
-        for template in VILD_TEMPLATES
-    ]
+    prompts = template_prompts(vocabulary)
     with torch.inference_mode():
         features = torch.cat(
             [
@@ -298,13 +293,7 @@ def embed_vocabulary(
                 for start in range(0, len(prompts), batch_size)
             ]
         )
-        per_template = F.normalize(features.view(sum(counts), len(VILD_TEMPLATES), -1), dim=-1)
-        per_synonym = F.normalize(per_template.mean(dim=1), dim=-1)
-        # Row index of each (class, prototype) slot: its own synonym, or the class's first when padding.
-        first_rows = torch.tensor(np.cumsum([0, *counts[:-1]]))
-        slots = torch.arange(prototypes_per_class)
-        rows = first_rows[:, None] + torch.where(slots[None, :] < torch.tensor(counts)[:, None], slots[None, :], 0)
-        embeddings = per_synonym[rows]
+        embeddings = prototypes_from_text(features, vocabulary)
     embeddings = embeddings.clone()  # leave inference mode: callers may use it next to trainable tensors
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -318,4 +307,31 @@ def embed_vocabulary(
     return embeddings
 
 
-__all__ = ["VILD_TEMPLATES", "Vocabulary", "embed_vocabulary", "split_synonyms"]
+def template_prompts(vocabulary: Vocabulary) -> list[str]:
+    """Every synonym of every class in every ViLD template: class-major, then synonym, then template."""
+    return [
+        template.format(synonym)
+        for class_synonyms in vocabulary.synonyms
+        for synonym in class_synonyms
+        for template in VILD_TEMPLATES
+    ]
+
+
+def prototypes_from_text(features: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
+    """Text embeddings of `template_prompts(vocabulary)` [S * T, E] -> class prototypes [K, P, E].
+
+    Differentiable, so training can move the text tower through it (`embed_vocabulary` is this plus a
+    cache, under inference mode).
+    """
+    counts = [len(class_synonyms) for class_synonyms in vocabulary.synonyms]
+    per_template = F.normalize(features.view(sum(counts), len(VILD_TEMPLATES), -1), dim=-1)
+    per_synonym = F.normalize(per_template.mean(dim=1), dim=-1)
+    # Row index of each (class, prototype) slot: its own synonym, or the class's first when padding.
+    first_rows = torch.tensor(np.cumsum([0, *counts[:-1]]))
+    slots = torch.arange(max(counts))
+    rows = first_rows[:, None] + torch.where(slots[None, :] < torch.tensor(counts)[:, None], slots[None, :], 0)
+    return per_synonym[rows.to(per_synonym.device)]
+
+
+__all__ = ["VILD_TEMPLATES", "Vocabulary", "embed_vocabulary", "prototypes_from_text", "split_synonyms",
+           "template_prompts"]
