@@ -28,7 +28,7 @@ import ovsam
 from jobs import common, losses
 from jobs.data import CocoInstances, DataError, coco_categories, collate_instances, load_coco
 from ovsam.clip2sam import classify
-from ovsam.vocabulary import split_synonyms
+from ovsam.vocabulary import prototypes_from_text, split_synonyms, template_prompts
 
 # The release's preprocessor keeps at most 40 prompts per image.
 DEFAULT_MAX_INSTANCES = 40
@@ -47,6 +47,10 @@ class Clip2SamJob:
     max_instances: int = DEFAULT_MAX_INSTANCES
     num_points: int = losses.NUM_POINTS
     train_adapter: bool = False
+    train_clip_image: bool = False
+    # Train CLIP's text tower through the class embeddings. Needed when the text tower is not a trained CLIP:
+    # near-collinear class embeddings cannot all be reached by the head's non-negative (ReLU) RoI features.
+    train_clip_text: bool = False
     loader_workers: int = 1
 
     def __post_init__(self) -> None:
@@ -73,19 +77,32 @@ def training_vocabulary(job: Clip2SamJob, category_names: tuple[str, ...]) -> tu
 class _Step(nn.Module):
     """One training step's forward: losses for a collated batch (see `collate_instances`)."""
 
-    def __init__(self, model: ovsam.OVSAM, class_embeddings: torch.Tensor, job: Clip2SamJob) -> None:
+    def __init__(self, model: ovsam.OVSAM, class_embeddings: torch.Tensor, job: Clip2SamJob,
+                 vocabulary: ovsam.Vocabulary, class_to_vocabulary: list[int]) -> None:
         super().__init__()
         self.clip, self.sam2clip, self.fpn = model.clip, model.sam2clip, model.fpn
         self.prompt_encoder, self.head = model.prompt_encoder, model.head
         self.image_size = model.config.image_size
         self.train_adapter = job.train_adapter
+        self.train_clip_image = job.train_clip_image
         self.num_points = job.num_points
         self.register_buffer("class_embeddings", class_embeddings, persistent=False)
+        self.train_clip_text = job.train_clip_text
+        self.vocabulary = vocabulary
+        self.register_buffer("class_to_vocabulary", torch.tensor(class_to_vocabulary), persistent=False)
+        self.register_buffer("prompt_tokens", model.clip.tokenize(template_prompts(vocabulary)), persistent=False)
+
+    def current_class_embeddings(self) -> torch.Tensor:
+        """[K_dataset, P, E]: fixed, or re-embedded from the text tower being trained."""
+        if not self.train_clip_text:
+            return self.class_embeddings
+        features = self.clip.encode_text(self.prompt_tokens)
+        return prototypes_from_text(features, self.vocabulary)[self.class_to_vocabulary]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.train_clip_image):
             maps = self.clip.features(batch["pixels"])
-        with torch.set_grad_enabled(self.train_adapter):
+        with torch.set_grad_enabled(self.train_adapter or self.train_clip_image):
             embedding = self.sam2clip(maps)
         fpn_maps = self.fpn(maps)
         with torch.no_grad():
@@ -99,7 +116,7 @@ class _Step(nn.Module):
                         self.image_size)
         rois = torch.cat([image_index[:, None].float(), batch["boxes"]], dim=1)
         roi_embeddings = self.head.roi_conv(self.head.roi_extractor(fpn_maps, rois)).mean(-1).mean(-1)
-        logits = classify(roi_embeddings, self.class_embeddings)
+        logits = classify(roi_embeddings, self.current_class_embeddings())
         bce, dice = losses.mask_losses(out.low_res_masks, batch["masks"][:, None], self.num_points)
         return {"loss_cls": losses.classification_loss(logits, batch["labels"]), "loss_mask": bce, "loss_dice": dice,
                 "accuracy": (logits[:, :-1].argmax(1) == batch["labels"]).float().mean()}
@@ -130,9 +147,15 @@ def train_loop(loop_config: dict) -> None:
     trained_modules = [model.fpn, model.head.mask_decoder, model.head.label_token, model.head.roi_conv]
     if job.train_adapter:
         trained_modules.append(model.sam2clip)
+    if job.train_clip_image:
+        trained_modules.append(model.clip.model.visual)
     model.requires_grad_(False)
     for module in trained_modules:
         module.requires_grad_(True)
+    text_params = [p for name, p in model.clip.model.named_parameters() if not name.startswith("visual.")]
+    if job.train_clip_text:
+        for param in text_params:
+            param.requires_grad_(True)
     # The prompt encoder stays as SAM made it; the label MLP is not part of the released forward (its output is
     # multiplied by zero there), so it stays frozen too.
     vocabulary = ovsam.Vocabulary.from_spec(loop_config["vocabulary_spec"])
@@ -140,9 +163,12 @@ def train_loop(loop_config: dict) -> None:
                                               text_tower_fingerprint=model.text_fingerprint())
     class_embeddings = class_embeddings[loop_config["class_to_vocabulary"]]
     # RoIs go to the FPN level of their size, so a batch may leave some levels without a gradient.
-    step = ray.train.torch.prepare_model(_Step(model, class_embeddings, job),
-                                         parallel_strategy_kwargs={"find_unused_parameters": True})
+    step = ray.train.torch.prepare_model(
+        _Step(model, class_embeddings, job, vocabulary, loop_config["class_to_vocabulary"]),
+        parallel_strategy_kwargs={"find_unused_parameters": True})
     params = [p for module in trained_modules for p in module.parameters()]
+    if job.train_clip_text:
+        params += text_params
     optimiser, scheduler = common.make_optimiser(params, settings)
     start_epoch = 0
     if state is not None:
@@ -198,15 +224,20 @@ def run(job: Clip2SamJob, settings: common.RunSettings) -> ray.train.Result:
 @click.option("--num-points", default=losses.NUM_POINTS, show_default=True, type=click.IntRange(min=1),
               help="Points per mask for the mask losses.")
 @click.option("--train-adapter", is_flag=True, help="Also train the SAM2CLIP adapter (frozen in the release).")
+@click.option("--train-clip-image", is_flag=True,
+              help="Also train CLIP's image tower (frozen in the release; for a tower without pretrained weights).")
+@click.option("--train-clip-text", is_flag=True,
+              help="Also train CLIP's text tower through the class embeddings (for a tower without pretrained weights).")
 @click.option("--loader-workers", default=1, show_default=True, type=click.IntRange(min=0),
               help="Data-loading processes per Ray worker.")
 @common.run_options
 def main(model_spec: str, annotations: str, images: str, vocabulary: str | None, max_instances: int, num_points: int,
-         train_adapter: bool, loader_workers: int, settings: common.RunSettings) -> None:
+         train_adapter: bool, train_clip_image: bool, train_clip_text: bool, loader_workers: int,
+         settings: common.RunSettings) -> None:
     """Train the CLIP2SAM stage (FPN + OVSAM head) on COCO-format instances (Ray Train)."""
     try:
         job = Clip2SamJob(model_spec, annotations, images, vocabulary, max_instances, num_points, train_adapter,
-                          loader_workers)
+                          train_clip_image, train_clip_text, loader_workers)
         result = run(job, settings)
     except (DataError, common.JobError, ovsam.OVSAMError) as err:
         raise click.ClickException(str(err)) from err

@@ -165,3 +165,30 @@ def test_learning_rate_steps_scale_with_the_epoch_count():
     assert common.milestones(12) == [8, 11]
     assert common.milestones(24) == [16, 22]
     assert common.milestones(3) == [2]
+
+
+@pytest.mark.parametrize("train_adapter, train_clip_image", [(False, False), (True, True)])
+def test_clip2sam_step_trains_exactly_the_chosen_parts(tmp_path, train_adapter, train_clip_image):
+    """The release trains FPN + head; the options add the adapter and CLIP's image tower. Frozen parts get
+    no gradient, trained parts do."""
+    from jobs.data import CocoInstances, collate_instances, load_coco
+
+    annotations = _shapes(tmp_path, num_images=2, seed=13)
+    model = ovsam.load_model(_small_preset(tmp_path), device="cpu").train()
+    model.requires_grad_(True)
+    dataset = CocoInstances(load_coco(str(annotations)), str(tmp_path / "images"), IMAGE_SIZE, max_instances=3, seed=0)
+    batch = collate_instances([dataset[0], dataset[1]])
+    job = clip2sam.Clip2SamJob("unused", "", "", num_points=256, train_adapter=train_adapter,
+                               train_clip_image=train_clip_image)
+    class_embeddings = torch.nn.functional.normalize(torch.randn(len(shapes.SHAPE_CLASSES), 1, model.clip.embed_dim), dim=-1)
+    vocabulary = ovsam.Vocabulary.from_spec(",".join(shapes.SHAPE_CLASSES))
+    step = clip2sam._Step(model, class_embeddings, job, vocabulary, list(range(len(shapes.SHAPE_CLASSES))))
+    clip2sam.total_loss(step(batch)).backward()
+
+    def has_grad(module: torch.nn.Module) -> bool:
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    assert has_grad(model.fpn) and has_grad(model.head.mask_decoder) and has_grad(model.head.roi_conv)
+    assert has_grad(model.sam2clip) == train_adapter
+    assert has_grad(model.clip.model.visual) == train_clip_image
+    assert not has_grad(model.prompt_encoder)
