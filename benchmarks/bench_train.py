@@ -51,7 +51,7 @@ def main(preset: str, image_size: int, batch_size: int, steps: int, threads: int
     class_embeddings = ovsam.embed_vocabulary(vocabulary, model.clip.encode_text, model.clip.tokenize,
                                               text_tower_fingerprint=model.text_fingerprint())
     job = clip2sam.Clip2SamJob(preset, "", "", num_points=losses.NUM_POINTS, train_adapter=True)
-    step_module = clip2sam._Step(model, class_embeddings, job, vocabulary, list(range(len(vocabulary))))
+    step_module = clip2sam._Step(model, class_embeddings, job)
     trained = [model.fpn, model.head.mask_decoder, model.head.label_token, model.head.roi_conv, model.sam2clip]
     optimiser = torch.optim.AdamW([p for m in trained for p in m.parameters()], lr=1e-4)
 

@@ -28,7 +28,7 @@ import ovsam
 from jobs import common, losses
 from jobs.data import CocoInstances, DataError, coco_categories, collate_instances, load_coco
 from ovsam.clip2sam import classify
-from ovsam.vocabulary import prototypes_from_text, split_synonyms, template_prompts
+from ovsam.vocabulary import split_synonyms
 
 # The release's preprocessor keeps at most 40 prompts per image.
 DEFAULT_MAX_INSTANCES = 40
@@ -48,9 +48,6 @@ class Clip2SamJob:
     num_points: int = losses.NUM_POINTS
     train_adapter: bool = False
     train_clip_image: bool = False
-    # Train CLIP's text tower through the class embeddings. Needed when the text tower is not a trained CLIP:
-    # near-collinear class embeddings cannot all be reached by the head's non-negative (ReLU) RoI features.
-    train_clip_text: bool = False
     loader_workers: int = 1
 
     def __post_init__(self) -> None:
@@ -77,8 +74,7 @@ def training_vocabulary(job: Clip2SamJob, category_names: tuple[str, ...]) -> tu
 class _Step(nn.Module):
     """One training step's forward: losses for a collated batch (see `collate_instances`)."""
 
-    def __init__(self, model: ovsam.OVSAM, class_embeddings: torch.Tensor, job: Clip2SamJob,
-                 vocabulary: ovsam.Vocabulary, class_to_vocabulary: list[int]) -> None:
+    def __init__(self, model: ovsam.OVSAM, class_embeddings: torch.Tensor, job: Clip2SamJob) -> None:
         super().__init__()
         self.clip, self.sam2clip, self.fpn = model.clip, model.sam2clip, model.fpn
         self.prompt_encoder, self.head = model.prompt_encoder, model.head
@@ -87,17 +83,6 @@ class _Step(nn.Module):
         self.train_clip_image = job.train_clip_image
         self.num_points = job.num_points
         self.register_buffer("class_embeddings", class_embeddings, persistent=False)
-        self.train_clip_text = job.train_clip_text
-        self.vocabulary = vocabulary
-        self.register_buffer("class_to_vocabulary", torch.tensor(class_to_vocabulary), persistent=False)
-        self.register_buffer("prompt_tokens", model.clip.tokenize(template_prompts(vocabulary)), persistent=False)
-
-    def current_class_embeddings(self) -> torch.Tensor:
-        """[K_dataset, P, E]: fixed, or re-embedded from the text tower being trained."""
-        if not self.train_clip_text:
-            return self.class_embeddings
-        features = self.clip.encode_text(self.prompt_tokens)
-        return prototypes_from_text(features, self.vocabulary)[self.class_to_vocabulary]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(self.train_clip_image):
@@ -116,7 +101,7 @@ class _Step(nn.Module):
                         self.image_size)
         rois = torch.cat([image_index[:, None].float(), batch["boxes"]], dim=1)
         roi_embeddings = self.head.roi_conv(self.head.roi_extractor(fpn_maps, rois)).mean(-1).mean(-1)
-        logits = classify(roi_embeddings, self.current_class_embeddings())
+        logits = classify(roi_embeddings, self.class_embeddings)
         bce, dice = losses.mask_losses(out.low_res_masks, batch["masks"][:, None], self.num_points)
         return {"loss_cls": losses.classification_loss(logits, batch["labels"]), "loss_mask": bce, "loss_dice": dice,
                 "accuracy": (logits[:, :-1].argmax(1) == batch["labels"]).float().mean()}
@@ -152,10 +137,6 @@ def train_loop(loop_config: dict) -> None:
     model.requires_grad_(False)
     for module in trained_modules:
         module.requires_grad_(True)
-    text_params = [p for name, p in model.clip.model.named_parameters() if not name.startswith("visual.")]
-    if job.train_clip_text:
-        for param in text_params:
-            param.requires_grad_(True)
     # The prompt encoder stays as SAM made it; the label MLP is not part of the released forward (its output is
     # multiplied by zero there), so it stays frozen too.
     vocabulary = ovsam.Vocabulary.from_spec(loop_config["vocabulary_spec"])
@@ -163,12 +144,9 @@ def train_loop(loop_config: dict) -> None:
                                               text_tower_fingerprint=model.text_fingerprint())
     class_embeddings = class_embeddings[loop_config["class_to_vocabulary"]]
     # RoIs go to the FPN level of their size, so a batch may leave some levels without a gradient.
-    step = ray.train.torch.prepare_model(
-        _Step(model, class_embeddings, job, vocabulary, loop_config["class_to_vocabulary"]),
-        parallel_strategy_kwargs={"find_unused_parameters": True})
+    step = ray.train.torch.prepare_model(_Step(model, class_embeddings, job),
+                                         parallel_strategy_kwargs={"find_unused_parameters": True})
     params = [p for module in trained_modules for p in module.parameters()]
-    if job.train_clip_text:
-        params += text_params
     optimiser, scheduler = common.make_optimiser(params, settings)
     start_epoch = 0
     if state is not None:
@@ -226,18 +204,15 @@ def run(job: Clip2SamJob, settings: common.RunSettings) -> ray.train.Result:
 @click.option("--train-adapter", is_flag=True, help="Also train the SAM2CLIP adapter (frozen in the release).")
 @click.option("--train-clip-image", is_flag=True,
               help="Also train CLIP's image tower (frozen in the release; for a tower without pretrained weights).")
-@click.option("--train-clip-text", is_flag=True,
-              help="Also train CLIP's text tower through the class embeddings (for a tower without pretrained weights).")
 @click.option("--loader-workers", default=1, show_default=True, type=click.IntRange(min=0),
               help="Data-loading processes per Ray worker.")
 @common.run_options
 def main(model_spec: str, annotations: str, images: str, vocabulary: str | None, max_instances: int, num_points: int,
-         train_adapter: bool, train_clip_image: bool, train_clip_text: bool, loader_workers: int,
-         settings: common.RunSettings) -> None:
+         train_adapter: bool, train_clip_image: bool, loader_workers: int, settings: common.RunSettings) -> None:
     """Train the CLIP2SAM stage (FPN + OVSAM head) on COCO-format instances (Ray Train)."""
     try:
         job = Clip2SamJob(model_spec, annotations, images, vocabulary, max_instances, num_points, train_adapter,
-                          train_clip_image, train_clip_text, loader_workers)
+                          train_clip_image, loader_workers)
         result = run(job, settings)
     except (DataError, common.JobError, ovsam.OVSAMError) as err:
         raise click.ClickException(str(err)) from err

@@ -318,11 +318,7 @@ def template_prompts(vocabulary: Vocabulary) -> list[str]:
 
 
 def prototypes_from_text(features: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-    """Text embeddings of `template_prompts(vocabulary)` [S * T, E] -> class prototypes [K, P, E].
-
-    Differentiable, so training can move the text tower through it (`embed_vocabulary` is this plus a
-    cache, under inference mode).
-    """
+    """Text embeddings of `template_prompts(vocabulary)` [S * T, E] -> class prototypes [K, P, E]."""
     counts = [len(class_synonyms) for class_synonyms in vocabulary.synonyms]
     per_template = F.normalize(features.view(sum(counts), len(VILD_TEMPLATES), -1), dim=-1)
     per_synonym = F.normalize(per_template.mean(dim=1), dim=-1)
@@ -333,5 +329,4 @@ def prototypes_from_text(features: torch.Tensor, vocabulary: Vocabulary) -> torc
     return per_synonym[rows.to(per_synonym.device)]
 
 
-__all__ = ["VILD_TEMPLATES", "Vocabulary", "embed_vocabulary", "prototypes_from_text", "split_synonyms",
-           "template_prompts"]
+__all__ = ["VILD_TEMPLATES", "Vocabulary", "embed_vocabulary", "split_synonyms"]

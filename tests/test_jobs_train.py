@@ -181,8 +181,7 @@ def test_clip2sam_step_trains_exactly_the_chosen_parts(tmp_path, train_adapter, 
     job = clip2sam.Clip2SamJob("unused", "", "", num_points=256, train_adapter=train_adapter,
                                train_clip_image=train_clip_image)
     class_embeddings = torch.nn.functional.normalize(torch.randn(len(shapes.SHAPE_CLASSES), 1, model.clip.embed_dim), dim=-1)
-    vocabulary = ovsam.Vocabulary.from_spec(",".join(shapes.SHAPE_CLASSES))
-    step = clip2sam._Step(model, class_embeddings, job, vocabulary, list(range(len(shapes.SHAPE_CLASSES))))
+    step = clip2sam._Step(model, class_embeddings, job)
     clip2sam.total_loss(step(batch)).backward()
 
     def has_grad(module: torch.nn.Module) -> bool:

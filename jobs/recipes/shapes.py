@@ -116,7 +116,7 @@ def run_recipe(config: RecipeConfig) -> dict:
     model_dir = work / "after_sam2clip"
     for round_index, epochs in enumerate(config.clip2sam_rounds):
         job = clip2sam.Clip2SamJob(str(model_dir), str(train), str(work / "train" / "images"), num_points=NUM_POINTS,
-                                   train_adapter=True, train_clip_image=True, train_clip_text=True)
+                                   train_adapter=True, train_clip_image=True)
         model_dir = work / f"model_round{round_index}"
         result = clip2sam.run(job, settings(f"clip2sam_round{round_index}", epochs, model_dir))
     timings["clip2sam_s"] = time.perf_counter() - start
