@@ -30,7 +30,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ovsam.vocabulary import Vocabulary, split_synonyms
-from schemas.tables import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, STATUS_OK, validate
+from schemas.tables import ANNOTATIONS_SCHEMA, EVAL_FILE, IMAGES_SCHEMA, STATUS_OK, validate
 
 PROMPTED_TYPES = ("box", "point")
 AUTO_TYPE = "grid"
@@ -39,7 +39,6 @@ AUTO_TYPE = "grid"
 MIN_PROMPT_BOX_IOU = 0.5
 # Names of COCOeval.stats, in its order (segm).
 COCO_AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-EVAL_FILE = "eval.json"
 BUILTIN_SPLITS = ("coco", "lvis")  # vocabularies that carry a base/novel split
 
 

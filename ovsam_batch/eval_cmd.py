@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from jobs import eval as evaluation
-
 
 @click.command("eval")
 @click.argument("outputs")
@@ -22,6 +20,8 @@ def main(outputs: str, ground_truth: str, split: str | None) -> None:
     Box- or point-prompted runs: mean mask IoU and recognition accuracy, overall, per class and
     base/novel with --split. Automatic runs: COCO mask AP. Prints a table and writes OUTPUTS/eval.json.
     """
+    from jobs import eval as evaluation  # torch and pyarrow load only when the command runs
+
     try:
         config = evaluation.EvalConfig(
             outputs=outputs,

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from jobs import clip2sam, sam2clip, teacher
+# Subcommand name -> module whose `main` implements it. Imported on use: the jobs pull in torch and Ray
+# Train, which `ovsam-batch --help` should not wait for.
+JOBS = {"precompute-teacher": "jobs.teacher", "sam2clip": "jobs.sam2clip", "clip2sam": "jobs.clip2sam"}
 
 
-@click.group("train")
+class _JobsGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(JOBS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return importlib.import_module(JOBS[name]).main if name in JOBS else None
+
+
+@click.group("train", cls=_JobsGroup)
 def main() -> None:
     """Retrain SAM2CLIP or CLIP2SAM on your data (Ray Train; local or s3:// data and checkpoints)."""
-
-
-main.add_command(teacher.main)
-main.add_command(sam2clip.main)
-main.add_command(clip2sam.main)

@@ -20,11 +20,11 @@ import tqdm
 
 from pipelines.config import LabelConfig
 from pipelines.decode import ReadAndDecode
-from pipelines.output import ANNOTATIONS_DIR, COCO_FILE, IMAGES_DIR, RUN_FILE, OutputError, OutputStore, WriteParts
+from pipelines.output import OutputError, OutputStore, WriteParts
 from pipelines.predict import LabelImages
 from pipelines.prompts import load_box_prompts
 from pipelines.storage import InputListing, list_inputs, redact_text, redact_uri
-from schemas.tables import SCHEMA_VERSION
+from schemas.tables import ANNOTATIONS_DIR, COCO_FILE, IMAGES_DIR, RUN_FILE, SCHEMA_VERSION
 
 # Settings that change what a label means: a re-run into an output written with other values would mix
 # two kinds of labels in one table, so it is refused.

@@ -33,12 +33,8 @@ import pyarrow.parquet as pq
 from pipelines.predict import deserialize
 from pipelines.storage import is_local, join, open_for_publish, open_fs, publish_bytes
 from schemas.coco import CocoCounts, write_coco
-from schemas.tables import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, STATUS_OK, validate
-
-IMAGES_DIR = "images"
-ANNOTATIONS_DIR = "annotations"
-RUN_FILE = "run.json"
-COCO_FILE = "coco.json"
+from schemas.tables import (ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, COCO_FILE, IMAGES_DIR, IMAGES_SCHEMA, RUN_FILE,
+                           SCHEMA_VERSION, SCHEMA_VERSION_KEY, STATUS_OK, validate)
 PART_SUFFIX = ".parquet"
 RUN_METADATA_KEY = b"ovsam_batch.run"
 # Parallel reads of existing parts when a run resumes (object stores answer many small reads best in

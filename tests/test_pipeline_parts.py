@@ -13,7 +13,7 @@ import pytest
 from pipelines.config import ConfigError, LabelConfig
 from pipelines.decode import MAX_IMAGE_PIXELS, DecodeError, ReadAndDecode, decode_image
 from pipelines.label import WorkerPlan, plan_workers
-from pipelines.output import ANNOTATIONS_DIR, IMAGES_DIR, OutputStore
+from pipelines.output import OutputStore
 from ovsam import PromptError
 from pipelines.predict import (
     MAX_PIXELS_PER_MODEL_CALL,
@@ -25,7 +25,7 @@ from pipelines.predict import (
 from pipelines.prompts import PromptsFileError, load_box_prompts
 from pipelines.storage import list_inputs, open_for_publish, open_fs, redact_text, redact_uri
 from schemas.annotations import AnnotationColumns
-from schemas.tables import IMAGES_SCHEMA
+from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR, IMAGES_SCHEMA
 from tests.pipeline_cases import huge_png_header, image_cases
 from tests.test_schemas import LABELS, random_prediction
 

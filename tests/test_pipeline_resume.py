@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.output import ANNOTATIONS_DIR, IMAGES_DIR, OutputStore
+from pipelines.output import OutputStore
+from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR
 from tests.pipeline_cases import shapes_image
 
 NUM_IMAGES = 14

@@ -15,11 +15,12 @@ from pycocotools.coco import COCO
 
 from pipelines.config import LabelConfig
 from pipelines.label import run_label
-from pipelines.output import ANNOTATIONS_DIR, COCO_FILE, IMAGES_DIR, RUN_FILE, OutputStore
+from pipelines.output import OutputStore
 from ovsam import PromptError
 from pipelines.predict import NO_PROMPTS
 from schemas.annotations import decode_rle
-from schemas.tables import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, STATUS_OK, validate
+from schemas.tables import (ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, COCO_FILE, IMAGES_DIR, IMAGES_SCHEMA, RUN_FILE,
+                           SCHEMA_VERSION, SCHEMA_VERSION_KEY, STATUS_OK, validate)
 from tests.pipeline_cases import image_cases
 
 # Auto mode's point grid in these tests: 2×2 prompts keep the untrained model's CPU time per image small;

@@ -28,18 +28,19 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pipelines.output import ANNOTATIONS_DIR, IMAGES_DIR, PART_SUFFIX
+from pipelines.output import PART_SUFFIX
 from pipelines.storage import open_fs, redact_uri, storage_options
 from schemas.tables import (
+    ANNOTATIONS_DIR,
     ANNOTATIONS_SCHEMA,
+    EVAL_FILE,
+    IMAGES_DIR,
     IMAGES_SCHEMA,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     STATUS_OK,
 )
 
-# Written by `ovsam-batch eval` (jobs.eval.EVAL_FILE; pipelines may not import jobs).
-EVAL_FILE = "eval.json"
 # Rows per scanned batch: large enough to amortise Python overhead, small enough (a few MB of the
 # projected columns) that a scan's memory stays flat whatever the table size.
 SCAN_BATCH_ROWS = 65_536

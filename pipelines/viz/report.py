@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipelines.output import ANNOTATIONS_DIR, IMAGES_DIR, RUN_FILE
 from pipelines.storage import redact_uri
 from pipelines.viz.overlay import MISSING_IMAGE_GREY, DrawnObject, contrasting_colour, decode_rle, render_overlay
 from pipelines.viz.page import (
@@ -39,7 +38,7 @@ from pipelines.viz.page import (
     table,
 )
 from pipelines.viz.reading import EVAL_FILE, LabelOutput, VizError, read_source_image
-from schemas.tables import STATUS_OK
+from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR, RUN_FILE, STATUS_OK
 
 SECTIONS = ("summary", "labels", "scores", "areas", "gallery", "errors", "eval")
 SCORE_BINS = np.linspace(0.0, 1.0, 21)  # 20 bins of 0.05
