@@ -120,13 +120,7 @@ def train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            model = ovsam.load_model(directory, device="cpu")
-            state = common.load_train_state(directory)
-    else:
-        model, state = ovsam.load_model(job.model, device="cpu"), None
+    model, state = common.model_to_train(job.model)
     model.config = dataclasses.replace(model.config, trained=True, vocabulary=loop_config["vocabulary_spec"])
     model.train()
     trained_modules = [model.fpn, model.head.mask_decoder, model.head.label_token, model.head.roi_conv]
@@ -148,11 +142,7 @@ def train_loop(loop_config: dict) -> None:
                                          parallel_strategy_kwargs={"find_unused_parameters": True})
     params = [p for module in trained_modules for p in module.parameters()]
     optimiser, scheduler = common.make_optimiser(params, settings)
-    start_epoch = 0
-    if state is not None:
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["next_epoch"]
+    start_epoch = common.restore_optimiser(state, optimiser, scheduler)
 
     dataset = CocoInstances(loop_config["coco"], job.images, model.config.image_size, job.max_instances, settings.seed)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=context.get_world_size(),

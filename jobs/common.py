@@ -135,6 +135,26 @@ def load_train_state(directory: str) -> dict:
     return torch.load(os.path.join(directory, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
 
 
+def model_to_train(spec: str) -> tuple[ovsam.OVSAM, dict | None]:
+    """The model a worker trains, on the CPU: from Ray Train's latest checkpoint when the run resumes (after a
+    worker failure or a re-run), else from `spec`; plus that checkpoint's training state (None when new)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return ovsam.load_model(spec, device="cpu"), None
+    with checkpoint.as_directory() as directory:
+        return ovsam.load_model(directory, device="cpu"), load_train_state(directory)
+
+
+def restore_optimiser(state: dict | None, optimiser: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+    """Load the optimiser and schedule of a resumed run; return the epoch to start from."""
+    if state is None:
+        return 0
+    optimiser.load_state_dict(state["optimiser"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["next_epoch"]
+
+
 def report_epoch(metrics: dict, model: ovsam.OVSAM, optimiser: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, next_epoch: int) -> None:
     """Report one epoch's metrics from every worker; rank 0 attaches the checkpoint."""

@@ -71,23 +71,13 @@ def train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            model = ovsam.load_model(directory, device="cpu")
-            state = common.load_train_state(directory)
-    else:
-        model, state = ovsam.load_model(job.model, device="cpu"), None
+    model, state = common.model_to_train(job.model)
     model.train()
     model.requires_grad_(False)
     model.sam2clip.requires_grad_(True)
     student = ray.train.torch.prepare_model(_Student(model))
     optimiser, scheduler = common.make_optimiser(list(model.sam2clip.parameters()), settings)
-    start_epoch = 0
-    if state is not None:
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["next_epoch"]
+    start_epoch = common.restore_optimiser(state, optimiser, scheduler)
 
     dataset = DistillationPairs(job.images, job.embeddings, loop_config["paths"], model.config.image_size)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=context.get_world_size(),

@@ -113,10 +113,6 @@ class CLIPTower(nn.Module):
         return {k: v for k, v in self.model.state_dict().items() if not k.startswith("visual.")}
 
 
-def level_size(image_size: int, level: int) -> int:
-    return image_size // CLIP_STRIDES[level]
-
-
 def resize_logits(mask_logits: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize (align_corners=False, no antialias) of [N, 1, h, w] logits to [N, 1, size, size]."""
     return F.interpolate(mask_logits, size=(size, size), mode="bilinear", align_corners=False)

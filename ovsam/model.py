@@ -44,11 +44,6 @@ class ImageFeatures:
     embedding: torch.Tensor
     fpn_maps: list[torch.Tensor]
 
-    def select(self, index: torch.Tensor) -> "ImageFeatures":
-        """The features of a subset of the images (batch rows `index`)."""
-        return ImageFeatures([m[index] for m in self.clip_maps], self.embedding[index],
-                             [m[index] for m in self.fpn_maps])
-
 
 @dataclass
 class Decoded:

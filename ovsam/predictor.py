@@ -39,12 +39,6 @@ class Prediction:
     def __len__(self) -> int:
         return len(self.label_ids)
 
-    def select(self, keep: np.ndarray) -> "Prediction":
-        """The objects at indexes (or boolean mask) `keep`."""
-        return Prediction(self.masks[keep], self.boxes[keep], self.label_ids[keep], self.scores[keep],
-                          self.topk_ids[keep], self.topk_probs[keep], self.background_probs[keep],
-                          self.prompt_type, self.prompts[keep])
-
 
 class Predictor:
     """Answers prompts for images with one model and one vocabulary.

@@ -51,13 +51,6 @@ class ImageFrame:
         """[..., 2] xy original pixels -> float32 input-frame pixels."""
         return points.astype(np.float32) * self.scale_xy
 
-    def boxes_to_original(self, boxes: torch.Tensor) -> torch.Tensor:
-        """[N, 4] xyxy input-frame pixels -> original pixels, clipped to the image."""
-        scale = torch.as_tensor(np.tile(self.scale_xy, 2), device=boxes.device)
-        h, w = self.original_size
-        limit = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-        return torch.minimum(boxes / scale, limit)
-
 
 def check_image(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
