@@ -206,10 +206,7 @@ def main(model_spec: str, annotations: str, images: str, vocabulary: str | None,
         result = run(job, settings)
     except (DataError, common.JobError, ovsam.OVSAMError) as err:
         raise click.ClickException(str(err)) from err
-    click.echo(f"final metrics: {result.metrics}")
-    click.echo(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    if settings.export:
-        click.echo(f"model directory: {settings.export}")
+    common.echo_result(result, settings)
 
 
 if __name__ == "__main__":

@@ -227,6 +227,14 @@ def export_model(checkpoint: ray.train.Checkpoint, directory: str) -> None:
                 shutil.copy2(path, target / path.name)
 
 
+def echo_result(result: ray.train.Result, settings: RunSettings) -> None:
+    """Tell the user where a finished run left its metrics, checkpoint and exported model."""
+    click.echo(f"final metrics: {result.metrics}")
+    click.echo(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    if settings.export:
+        click.echo(f"model directory: {settings.export}")
+
+
 def run_options(command: Callable) -> Callable:
     """The click options of `RunSettings`, shared by both training commands (the command gets ``settings``)."""
     import functools

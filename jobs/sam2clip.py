@@ -133,10 +133,7 @@ def main(model_spec: str, images: str, embeddings: str, loader_workers: int, set
         result = run(Sam2ClipJob(model_spec, images, embeddings, loader_workers), settings)
     except (DataError, common.JobError, ovsam.OVSAMError) as err:
         raise click.ClickException(str(err)) from err
-    click.echo(f"final metrics: {result.metrics}")
-    click.echo(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    if settings.export:
-        click.echo(f"model directory: {settings.export}")
+    common.echo_result(result, settings)
 
 
 if __name__ == "__main__":
