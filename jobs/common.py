@@ -229,6 +229,8 @@ def export_model(checkpoint: ray.train.Checkpoint, directory: str) -> None:
 
 def echo_result(result: ray.train.Result, settings: RunSettings) -> None:
     """Tell the user where a finished run left its metrics, checkpoint and exported model."""
+    import click
+
     click.echo(f"final metrics: {result.metrics}")
     click.echo(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if settings.export:
