@@ -122,15 +122,12 @@ def train_loop(loop_config: dict) -> None:
 
     model, state = common.model_to_train(job.model)
     model.config = dataclasses.replace(model.config, trained=True, vocabulary=loop_config["vocabulary_spec"])
-    model.train()
     trained_modules = [model.fpn, model.head.mask_decoder, model.head.label_token, model.head.roi_conv]
     if job.train_adapter:
         trained_modules.append(model.sam2clip)
     if job.train_clip_image:
         trained_modules.append(model.clip.model.visual)
-    model.requires_grad_(False)
-    for module in trained_modules:
-        module.requires_grad_(True)
+    params = common.train_only(model, trained_modules)
     # The prompt encoder stays as SAM made it; the label MLP is not part of the released forward (its output is
     # multiplied by zero there), so it stays frozen too.
     vocabulary = ovsam.Vocabulary.from_spec(loop_config["vocabulary_spec"])
@@ -140,7 +137,6 @@ def train_loop(loop_config: dict) -> None:
     # RoIs go to the FPN level of their size, so a batch may leave some levels without a gradient.
     step = ray.train.torch.prepare_model(_Step(model, class_embeddings, job),
                                          parallel_strategy_kwargs={"find_unused_parameters": True})
-    params = [p for module in trained_modules for p in module.parameters()]
     optimiser, scheduler = common.make_optimiser(params, settings)
     start_epoch = common.restore_optimiser(state, optimiser, scheduler)
 

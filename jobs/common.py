@@ -145,6 +145,19 @@ def model_to_train(spec: str) -> tuple[ovsam.OVSAM, dict | None]:
         return ovsam.load_model(directory, device="cpu"), load_train_state(directory)
 
 
+def train_only(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """Make ``modules`` the trained part of ``model`` and return their parameters.
+
+    Everything else is frozen *and* left in eval mode: CLIP's ResNet has BatchNorm, whose running
+    statistics would otherwise drift with every batch although its weights are frozen (mmdet's
+    ``norm_eval``).
+    """
+    model.eval().requires_grad_(False)
+    for module in modules:
+        module.train().requires_grad_(True)
+    return [p for module in modules for p in module.parameters()]
+
+
 def restore_optimiser(state: dict | None, optimiser: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
     """Load the optimiser and schedule of a resumed run; return the epoch to start from."""

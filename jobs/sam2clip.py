@@ -72,11 +72,9 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(settings.seed)
 
     model, state = common.model_to_train(job.model)
-    model.train()
-    model.requires_grad_(False)
-    model.sam2clip.requires_grad_(True)
+    params = common.train_only(model, [model.sam2clip])
     student = ray.train.torch.prepare_model(_Student(model))
-    optimiser, scheduler = common.make_optimiser(list(model.sam2clip.parameters()), settings)
+    optimiser, scheduler = common.make_optimiser(params, settings)
     start_epoch = common.restore_optimiser(state, optimiser, scheduler)
 
     dataset = DistillationPairs(job.images, job.embeddings, loop_config["paths"], model.config.image_size)
