@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from click.testing import CliRunner
 
 import ovsam
-from jobs import clip2sam, common, sam2clip, shapes, teacher
+from jobs import clip2sam, common, losses, sam2clip, shapes, teacher
 from jobs.data import DataError, read_embedding, read_image
 from ovsam.transforms import preprocess
 from ovsam_batch.cli import main as cli
@@ -191,3 +191,47 @@ def test_clip2sam_step_trains_exactly_the_chosen_parts(tmp_path, train_adapter, 
     assert has_grad(model.sam2clip) == train_adapter
     assert has_grad(model.clip.model.visual) == train_clip_image
     assert not has_grad(model.prompt_encoder)
+
+
+def test_frozen_parts_keep_their_batch_norm_statistics(tmp_path):
+    """CLIP's ResNet has BatchNorm: frozen, it must stay in eval mode, or its running statistics drift with
+    every training batch although no weight is trained."""
+    model = ovsam.load_model(_small_preset(tmp_path), device="cpu")
+    params = common.train_only(model, [model.fpn])
+    assert params and all(p.requires_grad for p in params)
+    assert model.fpn.training and not model.clip.training
+    norms = [m for m in model.clip.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    model.clip.features(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE) * 3 + 1)
+    assert norms and all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    assert not any(p.requires_grad for p in model.clip.parameters())
+
+
+def test_shapes_clip_pretraining_step_labels_cells_and_trains_both_towers(tmp_path):
+    """The recipe's CLIP pre-training: every stride-8 cell mostly covered by a shape is labelled with that
+    shape's class (the rest background), and the loss reaches the image and the text tower."""
+    from jobs.data import CocoInstances, collate_instances, load_coco
+    from jobs.recipes import shapes_clip
+
+    annotations = _shapes(tmp_path, num_images=2, seed=14)
+    model = ovsam.load_model(_small_preset(tmp_path), device="cpu")
+    dataset = CocoInstances(load_coco(str(annotations)), str(tmp_path / "images"), IMAGE_SIZE, max_instances=3, seed=0)
+    batch = collate_instances([dataset[0], dataset[1]])
+    vocabulary = ovsam.Vocabulary.from_spec(",".join(shapes.SHAPE_CLASSES))
+    step = shapes_clip._Step(model.clip, vocabulary)
+    common.train_only(model, [model.clip.model])
+    out = step(batch)
+
+    cells = IMAGE_SIZE // shapes_clip.DENSE_STRIDE
+    expected = np.full((2, cells, cells), len(shapes.SHAPE_CLASSES))
+    for mask, image, label in zip(batch["masks"].numpy(), batch["image_index"].numpy(), batch["labels"].numpy()):
+        cover = mask.reshape(cells, shapes_clip.DENSE_STRIDE, cells, shapes_clip.DENSE_STRIDE).mean((1, 3))
+        expected[image][cover > 0.5] = label
+    assert (expected < len(shapes.SHAPE_CLASSES)).any()
+    assert np.array_equal(out["dense_targets"].numpy(), expected.reshape(-1))
+    assert out["region_logits"].shape == (len(batch["labels"]), len(shapes.SHAPE_CLASSES) + 1)
+
+    (losses.classification_loss(out["region_logits"], batch["labels"])
+     + losses.classification_loss(out["dense_logits"], out["dense_targets"])).backward()
+    assert model.clip.model.visual.conv1.weight.grad.abs().sum() > 0
+    assert model.clip.model.token_embedding.weight.grad.abs().sum() > 0
