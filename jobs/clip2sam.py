@@ -116,7 +116,6 @@ def train_loop(loop_config: dict) -> None:
     """Per-worker loop (Ray Train)."""
     job: Clip2SamJob = loop_config["job"]
     settings: common.RunSettings = loop_config["settings"]
-    context = ray.train.get_context()
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed)
 
@@ -141,10 +140,7 @@ def train_loop(loop_config: dict) -> None:
     start_epoch = common.restore_optimiser(state, optimiser, scheduler)
 
     dataset = CocoInstances(loop_config["coco"], job.images, model.config.image_size, job.max_instances, settings.seed)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=context.get_world_size(),
-                                                  rank=context.get_world_rank(), shuffle=True, seed=settings.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler,
-                                         num_workers=job.loader_workers, collate_fn=collate_instances)
+    sampler, loader = common.worker_loader(dataset, settings, job.loader_workers, collate_fn=collate_instances)
     names = ("loss", "loss_cls", "loss_mask", "loss_dice", "accuracy")
     for epoch in range(start_epoch, settings.epochs):
         common.maybe_crash(loop_config["crash_once"], epoch)

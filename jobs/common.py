@@ -158,6 +158,18 @@ def train_only(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[t
     return [p for module in modules for p in module.parameters()]
 
 
+def worker_loader(dataset: torch.utils.data.Dataset, settings: RunSettings, num_workers: int,
+                  collate_fn: Callable | None = None) -> tuple[torch.utils.data.DistributedSampler, torch.utils.data.DataLoader]:
+    """This worker's shard of ``dataset`` (shuffled by seed; call ``sampler.set_epoch`` each epoch) and its loader
+    of ``settings.batch_size`` items."""
+    context = ray.train.get_context()
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=context.get_world_size(),
+                                                  rank=context.get_world_rank(), shuffle=True, seed=settings.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler,
+                                         num_workers=num_workers, collate_fn=collate_fn)
+    return sampler, loader
+
+
 def restore_optimiser(state: dict | None, optimiser: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
     """Load the optimiser and schedule of a resumed run; return the epoch to start from."""
