@@ -156,10 +156,7 @@ def train_loop(loop_config: dict) -> None:
             sums += torch.tensor([loss.item(), *(parts[n].item() for n in names[1:]), 1.0])
             if settings.max_steps is not None and steps >= settings.max_steps:
                 break
-        lr = optimiser.param_groups[0]["lr"]
-        scheduler.step()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
+        lr = common.finish_epoch(sums, optimiser, scheduler)
         metrics = {"epoch": epoch, "started_at_epoch": start_epoch, **{n: float(sums[i] / sums[-1].clamp(min=1)) for i, n in enumerate(names)},
                    "steps": int(sums[-1]), "lr": lr}
         common.report_epoch(metrics, model, optimiser, scheduler, epoch + 1)

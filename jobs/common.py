@@ -180,6 +180,17 @@ def restore_optimiser(state: dict | None, optimiser: torch.optim.Optimizer,
     return state["next_epoch"]
 
 
+def finish_epoch(sums: torch.Tensor, optimiser: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """End an epoch: step the schedule, sum this worker's metric ``sums`` over all workers (in place) and
+    return the learning rate the epoch ran at."""
+    lr = optimiser.param_groups[0]["lr"]
+    scheduler.step()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    return lr
+
+
 def report_epoch(metrics: dict, model: ovsam.OVSAM, optimiser: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, next_epoch: int) -> None:
     """Report one epoch's metrics from every worker; rank 0 attaches the checkpoint."""

@@ -91,10 +91,7 @@ def train_loop(loop_config: dict) -> None:
             total += torch.tensor([loss.item() * len(batch["pixels"]), len(batch["pixels"])])
             if settings.max_steps is not None and steps >= settings.max_steps:
                 break
-        lr = optimiser.param_groups[0]["lr"]
-        scheduler.step()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
+        lr = common.finish_epoch(total, optimiser, scheduler)
         metrics = {"epoch": epoch, "started_at_epoch": start_epoch, "loss": float(total[0] / total[1].clamp(min=1)), "images": int(total[1]),
                    "lr": lr}
         common.report_epoch(metrics, model, optimiser, scheduler, epoch + 1)

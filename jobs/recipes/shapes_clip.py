@@ -124,10 +124,7 @@ def train_loop(loop_config: dict) -> None:
                                   on_shapes.sum().item()])
             if settings.max_steps is not None and steps >= settings.max_steps:
                 break
-        lr = optimiser.param_groups[0]["lr"]
-        scheduler.step()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
+        lr = common.finish_epoch(sums, optimiser, scheduler)
         mean = sums[:3] / sums[3].clamp(min=1)
         metrics = {"epoch": epoch, "loss": float(mean[0]), "region_loss": float(mean[1]),
                    "region_accuracy": float(mean[2]), "shape_cell_accuracy": float(sums[4] / sums[5].clamp(min=1)),
