@@ -116,10 +116,7 @@ def train_loop(loop_config: dict) -> None:
     """Per-worker loop (Ray Train)."""
     job: Clip2SamJob = loop_config["job"]
     settings: common.RunSettings = loop_config["settings"]
-    device = ray.train.torch.get_device()
-    torch.manual_seed(settings.seed)
-
-    model, state = common.model_to_train(job.model)
+    device, model, state = common.start_worker(job.model, settings)
     model.config = dataclasses.replace(model.config, trained=True, vocabulary=loop_config["vocabulary_spec"])
     trained_modules = [model.fpn, model.head.mask_decoder, model.head.label_token, model.head.roi_conv]
     if job.train_adapter:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import fsspec
 import pyarrow.fs
 import ray.train
+import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -135,14 +136,17 @@ def load_train_state(directory: str) -> dict:
     return torch.load(os.path.join(directory, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
 
 
-def model_to_train(spec: str) -> tuple[ovsam.OVSAM, dict | None]:
-    """The model a worker trains, on the CPU: from Ray Train's latest checkpoint when the run resumes (after a
-    worker failure or a re-run), else from `spec`; plus that checkpoint's training state (None when new)."""
+def start_worker(spec: str, settings: RunSettings) -> tuple[torch.device, ovsam.OVSAM, dict | None]:
+    """What a worker starts from: its device (seeded), the model it trains, on the CPU, from Ray Train's
+    latest checkpoint when the run resumes (after a worker failure or a re-run), else from `spec`; and that
+    checkpoint's training state (None when new)."""
+    torch.manual_seed(settings.seed)
+    device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return ovsam.load_model(spec, device="cpu"), None
+        return device, ovsam.load_model(spec, device="cpu"), None
     with checkpoint.as_directory() as directory:
-        return ovsam.load_model(directory, device="cpu"), load_train_state(directory)
+        return device, ovsam.load_model(directory, device="cpu"), load_train_state(directory)
 
 
 def train_only(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:

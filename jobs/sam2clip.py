@@ -67,10 +67,7 @@ def train_loop(loop_config: dict) -> None:
     """Per-worker loop (Ray Train)."""
     job: Sam2ClipJob = loop_config["job"]
     settings: common.RunSettings = loop_config["settings"]
-    device = ray.train.torch.get_device()
-    torch.manual_seed(settings.seed)
-
-    model, state = common.model_to_train(job.model)
+    device, model, state = common.start_worker(job.model, settings)
     params = common.train_only(model, [model.sam2clip])
     student = ray.train.torch.prepare_model(_Student(model))
     optimiser, scheduler = common.make_optimiser(params, settings)

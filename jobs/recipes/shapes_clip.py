@@ -91,10 +91,7 @@ def train_loop(loop_config: dict) -> None:
     """Per-worker loop (Ray Train)."""
     job: RegionClipJob = loop_config["job"]
     settings: common.RunSettings = loop_config["settings"]
-    device = ray.train.torch.get_device()
-    torch.manual_seed(settings.seed)
-
-    model, state = common.model_to_train(job.model)
+    device, model, state = common.start_worker(job.model, settings)
     vocabulary = ovsam.Vocabulary.from_spec(loop_config["vocabulary_spec"])
     step = _Step(model.clip, vocabulary)
     params = common.train_only(model, [model.clip.model]) + list(step.dense_head.parameters())
