@@ -228,8 +228,6 @@ def run(loop: Callable[[dict], None], loop_config: dict, settings: RunSettings) 
     A re-run with the same storage and name resumes from the latest checkpoint; after the run, the final
     model directory is copied to ``settings.export`` when given.
     """
-    import ray
-
     check_storage_reachable(settings.storage)
     if settings.address is not None or not ray.is_initialized():
         ray.init(address=settings.address, ignore_reinit_error=True)
