@@ -137,9 +137,9 @@ def load_train_state(directory: str) -> dict:
 
 
 def start_worker(spec: str, settings: RunSettings) -> tuple[torch.device, ovsam.OVSAM, dict | None]:
-    """What a worker starts from: its device (seeded), the model it trains, on the CPU, from Ray Train's
-    latest checkpoint when the run resumes (after a worker failure or a re-run), else from `spec`; and that
-    checkpoint's training state (None when new)."""
+    """Seed torch with ``settings.seed`` and return what a worker starts from: its device; the model it trains,
+    on the CPU, from Ray Train's latest checkpoint when the run resumes (after a worker failure or a re-run),
+    else from `spec`; and that checkpoint's training state (None when new)."""
     torch.manual_seed(settings.seed)
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
