@@ -23,14 +23,13 @@ from collections.abc import Iterable
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as pads
 import pycocotools.mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ovsam.vocabulary import Vocabulary, split_synonyms
-from schemas.tables import ANNOTATIONS_SCHEMA, EVAL_FILE, IMAGES_SCHEMA, STATUS_OK, validate
+from schemas.committed import CommittedTables
+from schemas.tables import ANNOTATIONS_DIR, EVAL_FILE, IMAGES_DIR, STATUS_OK, SchemaError
 
 PROMPTED_TYPES = ("box", "point")
 AUTO_TYPE = "grid"
@@ -95,16 +94,17 @@ def load_split(spec: str) -> Split:
     return Split.from_names(data["base"], data["novel"])
 
 
-def _read_table(prefix: str, name: str, schema: pa.Schema) -> pa.Table:
-    """Read table ``name`` of a label output: the Parquet parts under ``prefix/name/`` (or one
-    ``prefix/name.parquet``), validated against ``schema``."""
+def _read_tables(prefix: str) -> tuple[list[dict], list[dict]]:
+    """The committed images and annotations rows of a label output (`schemas.committed`: an unfinished part
+    left by a kill is never read, and a part of another schema version is refused)."""
     fs, root = fsspec.core.url_to_fs(prefix)
-    root = root.rstrip("/")
-    for path in (f"{root}/{name}", f"{root}/{name}.parquet"):
-        if fs.exists(path):
-            table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
-            return validate(table, schema)
-    raise EvalError(f"no {name!r} table under {prefix}: is this the --output of a `label` run?")
+    if not fs.isdir(f"{root.rstrip('/')}/{IMAGES_DIR}"):
+        raise EvalError(f"no {IMAGES_DIR!r} table under {prefix}: is this the --output of a `label` run?")
+    tables = CommittedTables(fs, root, prefix)
+    try:
+        return tables.read(IMAGES_DIR).to_pylist(), tables.read(ANNOTATIONS_DIR).to_pylist()
+    except SchemaError as err:
+        raise EvalError(str(err)) from None
 
 
 def _load_ground_truth(path: str) -> COCO:
@@ -268,8 +268,7 @@ def evaluate(config: EvalConfig) -> dict:
     auto: ``coco_ap`` {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}, ``predictions``.
     """
     coco = _load_ground_truth(config.ground_truth)
-    images = _read_table(config.outputs, "images", IMAGES_SCHEMA).to_pylist()
-    annotations = _read_table(config.outputs, "annotations", ANNOTATIONS_SCHEMA).to_pylist()
+    images, annotations = _read_tables(config.outputs)
     image_of_uri = _match_images((img["image_uri"] for img in images), coco)
     if not image_of_uri:
         raise EvalError(

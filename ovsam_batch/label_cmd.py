@@ -51,7 +51,13 @@ def _parse_weights(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str]
               help="GPUs per model worker when the cluster has GPUs (e.g. 0.5 puts two workers on a GPU).")
 @click.option("--workers", type=int, help="Model workers. Default: one per GPU (by --gpus-per-worker), else 1.")
 @click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Images per model call and per output part.")
+              help="Images per model call.")
+@click.option("--part-size", type=int, default=5000, show_default=True,
+              help="Images per output Parquet part: a writer publishes a part once it holds this many (less than "
+                   "a batch more) or 256 MB, e.g. 20000 for fewer, larger files.")
+@click.option("--flush-interval", type=float, default=60.0, show_default=True,
+              help="Seconds after which each writer publishes what it holds: the most work a kill can lose "
+                   "per writer, e.g. 300.")
 @click.option("--limit", type=int, help="Label only the first N inputs (sorted), e.g. --limit 10 to try a command.")
 @click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", show_envvar=True,
               help="S3-compatible endpoint (MinIO, Ceph...), e.g. http://127.0.0.1:9000. Credentials come from "
@@ -61,7 +67,8 @@ def _parse_weights(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str]
 @click.option("--top-k", type=int, default=5, show_default=True, help="Ranked labels kept per object.")
 def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabulary: str | None, preset: str,
           weights: tuple[tuple[str, str], ...], coco: bool, address: str | None, gpus_per_worker: float,
-          workers: int | None, batch_size: int, limit: int | None, endpoint_url: str | None,
+          workers: int | None, batch_size: int, part_size: int,
+          flush_interval: float, limit: int | None, endpoint_url: str | None,
           points_per_side: int, top_k: int) -> None:
     """Segment and name the objects of every image in INPUT; write Parquet tables (and COCO JSON) to OUTPUT.
 
@@ -80,7 +87,8 @@ def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabula
         config = LabelConfig(
             input=input_spec, output=output, mode=mode, prompts=prompts, vocabulary=vocabulary, preset=preset,
             weights=weights, coco=coco, address=address, gpus_per_worker=gpus_per_worker, workers=workers,
-            batch_size=batch_size, limit=limit, endpoint_url=endpoint_url, points_per_side=points_per_side,
+            batch_size=batch_size, part_size=part_size, flush_interval=flush_interval,
+            limit=limit, endpoint_url=endpoint_url, points_per_side=points_per_side,
             top_k=top_k)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
@@ -120,8 +128,9 @@ def _print_summary(summary) -> None:
     ]
     if summary.skipped_done:
         lines.append(f"Skipped {summary.skipped_done} images already in the output (resumed).")
-    if summary.orphans_removed:
-        lines.append(f"Removed {summary.orphans_removed} unfinished part(s) left by an interrupted run.")
+    if summary.parts_rolled_forward or summary.parts_rolled_back:
+        lines.append(f"Recovered from an interrupted run: finished publishing {summary.parts_rolled_forward} "
+                     f"committed part(s), removed {summary.parts_rolled_back} unfinished part(s).")
     if summary.ignored_files:
         lines.append(f"Ignored {summary.ignored_files} files without an image suffix in the input folder.")
     if summary.unmatched_prompt_images:

@@ -25,7 +25,9 @@ class LabelConfig:
     ``prompts``: COCO JSON or Parquet of boxes per image (box mode only). ``preset``: model preset name,
     preset JSON or model directory (`ovsam.load_model`). ``weights``: part name →
     checkpoint location, overriding the preset's. ``workers``: model actors (None: one per GPU, else 1).
-    ``batch_size``: images per model call and per output part. ``limit``: label only the first N inputs
+    ``batch_size``: images per model call. ``part_size``: a writer publishes a part once it holds this many images
+    (less than a batch more), or `pipelines.output.PART_MAX_BYTES`. ``flush_interval``: seconds after which a writer publishes
+    what it holds, whatever its size (what a kill can lose per writer). ``limit``: label only the first N inputs
     (sorted), for trying a command. ``endpoint_url``: S3-compatible endpoint (else ``AWS_ENDPOINT_URL`` or AWS).
     """
 
@@ -41,6 +43,8 @@ class LabelConfig:
     gpus_per_worker: float = 1.0
     workers: int | None = None
     batch_size: int = 8
+    part_size: int = 5000
+    flush_interval: float = 60.0
     limit: int | None = None
     endpoint_url: str | None = None
     points_per_side: int = 32
@@ -58,7 +62,10 @@ class LabelConfig:
                 raise ConfigError(f"--weights part must be one of {', '.join(WEIGHT_PARTS)}, not {part!r}")
         if self.gpus_per_worker < 0:
             raise ConfigError("--gpus-per-worker must be >= 0")
+        if self.flush_interval <= 0:
+            raise ConfigError(f"--flush-interval must be > 0 seconds, got {self.flush_interval}")
         for name, value, low in (("--workers", self.workers, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--part-size", self.part_size, 1),
                                  ("--limit", self.limit, 1), ("--points-per-side", self.points_per_side, 1),
                                  ("--top-k", self.top_k, 1)):
             if value is not None and value < low:

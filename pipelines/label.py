@@ -20,7 +20,7 @@ import tqdm
 
 from pipelines.config import LabelConfig
 from pipelines.decode import ReadAndDecode
-from pipelines.output import OutputError, OutputStore, WriteParts
+from pipelines.output import PART_MAX_BYTES, OutputError, OutputStore, PartLimits, PartWriter, SendToWriter
 from pipelines.predict import LabelImages
 from pipelines.prompts import load_box_prompts
 from pipelines.storage import InputListing, list_inputs, redact_text, redact_uri
@@ -32,6 +32,9 @@ _LABEL_SETTINGS = ("mode", "preset", "weights", "vocabulary", "prompts", "points
 # Blocks of the input listing hold this many batches: small enough that work spreads over the decode
 # actors from the start, large enough that a million inputs are not a million scheduler objects.
 _BATCHES_PER_BLOCK = 4
+# Model actors that one part writer serves: a writer compresses and uploads a few hundred images/s of
+# box-mode rows (measured: benchmarks/bench_scale.py), more than four GPU actors make.
+_MODEL_ACTORS_PER_WRITER = 4
 # Progress updates at most this often (seconds) when stderr is a log file rather than a terminal.
 _LOG_PROGRESS_INTERVAL_S = 30.0
 
@@ -48,7 +51,8 @@ class LabelSummary:
     skipped_done: int
     ignored_files: int
     unmatched_prompt_images: int
-    orphans_removed: int
+    parts_rolled_forward: int  # committed parts an interrupted run had not finished publishing
+    parts_rolled_back: int  # uncommitted parts an interrupted run left, removed
     run_images: int
     run_ok: int
     run_errors: collections.Counter
@@ -90,7 +94,7 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
     try:
         store = OutputStore(config.output, config.endpoint_url)
         _check_same_settings(store, config)
-        orphans = store.recover()
+        recovery = store.recover()
         done = store.done_uris()
     except OutputError as err:
         raise LabelError(str(err)) from None
@@ -120,14 +124,22 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
     run_ok, run_annotations, run_errors = 0, 0, collections.Counter()
     if items:
         with _ray_session(config):
-            dataset = _build_dataset(config, vocabulary, items, metadata)
-            with _progress(len(items), show_progress) as bar:
-                for summary in dataset.iter_rows():
-                    run_ok += int(summary["ok"])
-                    run_annotations += int(summary["annotations"])
-                    run_errors.update(json.loads(summary["error_kinds"]))
-                    bar.update(int(summary["images"]))
-                    bar.set_postfix(errors=sum(run_errors.values()), annotations=run_annotations, refresh=False)
+            plan = _plan(config)
+            writers = _start_writers(config, plan, metadata)
+            dataset = _build_dataset(config, plan, vocabulary, items, writers)
+            try:
+                with _progress(len(items), show_progress) as bar:
+                    for summary in dataset.iter_rows():
+                        run_ok += int(summary["ok"])
+                        run_annotations += int(summary["annotations"])
+                        run_errors.update(json.loads(summary["error_kinds"]))
+                        bar.update(int(summary["images"]))
+                        bar.set_postfix(errors=sum(run_errors.values()), annotations=run_annotations,
+                                        refresh=False)
+            finally:
+                # Ray Data has no end-of-stream call per actor: the rows still buffered in the writers are
+                # published here, also when the run stops on an error (what was labelled stays labelled).
+                ray.get([writer.flush.remote() for writer in writers])
 
     total_images, total_annotations = store.status_counts()
     outputs = {"images": store.url(IMAGES_DIR), "annotations": store.url(ANNOTATIONS_DIR),
@@ -140,7 +152,8 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
         outputs["coco"] = store.url(COCO_FILE)
     summary = LabelSummary(
         listed=len(selected), skipped_done=len(selected) - len(items), ignored_files=listing.ignored,
-        unmatched_prompt_images=unmatched, orphans_removed=orphans, run_images=run_ok + sum(run_errors.values()),
+        unmatched_prompt_images=unmatched, parts_rolled_forward=recovery.rolled_forward,
+        parts_rolled_back=recovery.rolled_back, run_images=run_ok + sum(run_errors.values()),
         run_ok=run_ok, run_errors=run_errors, run_annotations=run_annotations,
         seconds=time.monotonic() - started, total_images=total_images, total_annotations=total_annotations,
         model_name=model.name, model_trained=model.trained, outputs={k: redact_uri(v) for k, v in outputs.items()})
@@ -249,9 +262,22 @@ def plan_workers(config: LabelConfig, cpus: int, gpus: float) -> WorkerPlan:
     return WorkerPlan(workers, cpus_per_worker, 0, max(1, cpus - workers * cpus_per_worker))
 
 
-def _build_dataset(config: LabelConfig, vocabulary, items: list[dict], metadata: dict) -> ray.data.Dataset:
+def _plan(config: LabelConfig) -> WorkerPlan:
     resources = ray.cluster_resources()
-    plan = plan_workers(config, int(resources.get("CPU", 1)), resources.get("GPU", 0))
+    return plan_workers(config, int(resources.get("CPU", 1)), resources.get("GPU", 0))
+
+
+def _start_writers(config: LabelConfig, plan: WorkerPlan, metadata: dict) -> list:
+    """`PartWriter` actors, one per `_MODEL_ACTORS_PER_WRITER` model actors (at least one). Writing is I/O wait
+    and compression, not model work: zero-CPU actors never compete with decoding or the model."""
+    limits = PartLimits(images=config.part_size, bytes=PART_MAX_BYTES, seconds=config.flush_interval)
+    writer = ray.remote(num_cpus=0, max_restarts=0)(PartWriter)
+    return [writer.remote(config.output, config.endpoint_url, metadata, limits)
+            for _ in range(math.ceil(plan.workers / _MODEL_ACTORS_PER_WRITER))]
+
+
+def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, items: list[dict],
+                   writers: list) -> ray.data.Dataset:
     dataset = ray.data.from_items(
         items, override_num_blocks=max(1, math.ceil(len(items) / (config.batch_size * _BATCHES_PER_BLOCK))))
     dataset = dataset.map_batches(
@@ -263,10 +289,8 @@ def _build_dataset(config: LabelConfig, vocabulary, items: list[dict], metadata:
         fn_constructor_kwargs={"config": config, "vocabulary": vocabulary, "cpu_threads": plan.cpus_per_worker},
         compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
         num_gpus=plan.gpus_per_worker)
-    # Writing is I/O wait, not CPU work: a zero-CPU actor never competes with decoding or the model.
     return dataset.map_batches(
-        WriteParts, batch_size=config.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"output": config.output, "endpoint_url": config.endpoint_url, "metadata": metadata},
+        SendToWriter, batch_size=config.batch_size, batch_format="numpy", fn_constructor_kwargs={"writers": writers},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.workers), num_cpus=0)
 
 

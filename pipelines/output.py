@@ -1,28 +1,38 @@
-"""The output prefix: layout, atomic part publishing, resume bookkeeping and the COCO export.
+"""The output prefix: writing and publishing parts, recovery after a kill, resume bookkeeping, COCO export.
 
-Layout under OUTPUT::
+Layout under OUTPUT (readers: `schemas.committed`)::
 
-    images/part-<id>.parquet        one row per input image (IMAGES_SCHEMA)
+    images/part-<id>.parquet        one row per input image (IMAGES_SCHEMA), committed parts only
     annotations/part-<id>.parquet   the annotations of exactly the images in images/part-<id>.parquet
+    _staging/<id>/                  a part being written or published (hidden: `_` prefix, outside the tables)
     run.json                        the last run: config (no secrets), model, vocabulary, counts, time
     coco.json                       COCO export of all parts (with --coco)
 
-Commit protocol: a batch is written as a pair of parts with the same id. Each part is published
-atomically (see `open_for_publish`), annotations first, then images; the images part is the commit
-record. A run killed between the two leaves an annotations part without its images part: it is removed
-when the next run starts, and its images are labelled again (they have no images row), so every image
-appears exactly once and no annotation twice. Readers should join through the images parts (see
-`committed_parts`); a concurrent reader may briefly see an annotations part whose images part is not
-published yet.
+Commit protocol of one part (each file write is atomic: temp + rename locally, one PUT on object stores):
+
+1. stage ``_staging/<id>/annotations.parquet``;
+2. stage ``_staging/<id>/images.parquet``: **the commit point** (both files of the part are complete);
+3. move the annotations file to ``annotations/part-<id>.parquet``;
+4. move the images file to ``images/part-<id>.parquet``;
+5. remove ``_staging/<id>/``.
+
+Nothing under the table folders is ever uncommitted, so plain readers (pyarrow, DuckDB, Spark) see only
+committed rows. A kill before step 2 leaves a staging folder without an images file: the next run rolls it
+back (removes it; its images have no images row, so they are labelled again). A kill after step 2 leaves a
+committed part not yet (fully) published: the next run rolls it forward (finishes steps 3–5). Every image
+therefore ends up exactly once, and no annotation twice. Recovery assumes one writing run per output.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import dataclasses
 import datetime
 import io
 import json
+import posixpath
+import random
+import time
 import uuid
 
 import numpy as np
@@ -31,19 +41,30 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.predict import deserialize
-from pipelines.storage import is_local, join, open_for_publish, open_fs, publish_bytes
+from pipelines.storage import is_local, join, open_for_publish, open_fs, publish_bytes, redact_uri
 from schemas.coco import CocoCounts, write_coco
+from schemas.committed import CommittedTables, part_file
 from schemas.tables import (ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, COCO_FILE, IMAGES_DIR, IMAGES_SCHEMA, RUN_FILE,
-                           SCHEMA_VERSION, SCHEMA_VERSION_KEY, STATUS_OK, validate)
-PART_SUFFIX = ".parquet"
+                           STAGING_DIR, STATUS_OK, SchemaError, validate)
+
 RUN_METADATA_KEY = b"ovsam_batch.run"
-# Parallel reads of existing parts when a run resumes (object stores answer many small reads best in
-# parallel; a local disk does not mind).
-_READ_THREADS = 16
+# A part is published at this many bytes of buffered Arrow data at the latest, whatever --part-size says:
+# it bounds a writer's memory, and readers handle files of tens to hundreds of MB best.
+PART_MAX_BYTES = 256 * 2**20
+# File names inside a part's staging folder.
+_STAGED = {ANNOTATIONS_DIR: "annotations.parquet", IMAGES_DIR: "images.parquet"}
 
 
 class OutputError(ValueError):
     """The output prefix holds something this run must not write into; the message says what."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    """What `OutputStore.recover` found: parts it finished publishing, and unfinished parts it removed."""
+
+    rolled_forward: int
+    rolled_back: int
 
 
 class OutputStore:
@@ -53,6 +74,7 @@ class OutputStore:
         self.output = output
         self.endpoint_url = endpoint_url
         self.fs, self.root = open_fs(output, endpoint_url)
+        self.tables = CommittedTables(self.fs, self.root, redact_uri(output))
 
     def path(self, *names: str) -> str:
         return join(self.root, *names)
@@ -64,13 +86,13 @@ class OutputStore:
     # --- writing ------------------------------------------------------------------------------------
 
     def write_part(self, images: pa.Table, annotations: pa.Table, metadata: dict) -> str:
-        """Validate and publish one pair of parts (annotations, then images); return the part id."""
+        """Validate, stage and publish one part (see the commit protocol above); return the part id."""
         images = _with_metadata(validate(images, IMAGES_SCHEMA), metadata)
         annotations = _with_metadata(validate(annotations, ANNOTATIONS_SCHEMA), metadata)
         part_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
-        name = f"part-{part_id}{PART_SUFFIX}"
-        publish_bytes(self.fs, self.path(ANNOTATIONS_DIR, name), _parquet_bytes(annotations))
-        publish_bytes(self.fs, self.path(IMAGES_DIR, name), _parquet_bytes(images))
+        for table, rows in ((ANNOTATIONS_DIR, annotations), (IMAGES_DIR, images)):  # images last: the commit
+            publish_bytes(self.fs, self._staged(part_id, table), _parquet_bytes(rows))
+        self._publish(part_id)
         return part_id
 
     def write_run_record(self, record: dict) -> None:
@@ -78,10 +100,30 @@ class OutputStore:
 
     def write_coco(self, label_names: list[str], info: dict) -> CocoCounts:
         """Publish coco.json built from every committed part (streamed; one part in memory at a time)."""
-        names = self.committed_parts()
+        ids = self.tables.part_ids()
         with open_for_publish(self.fs, self.path(COCO_FILE), "wt") as out:
-            return write_coco(out, (self._read(IMAGES_DIR, n) for n in names),
-                              (self._read(ANNOTATIONS_DIR, n) for n in names), label_names, info)
+            return write_coco(out, (self.read_table(IMAGES_DIR, [i]) for i in ids),
+                              (self.read_table(ANNOTATIONS_DIR, [i]) for i in ids), label_names, info)
+
+    def _staged(self, part_id: str, table: str) -> str:
+        return self.path(STAGING_DIR, part_id, _STAGED[table])
+
+    def _publish(self, part_id: str) -> None:
+        """Steps 3-5 of the commit protocol; idempotent, so that recovery can repeat them after a kill."""
+        for table in (ANNOTATIONS_DIR, IMAGES_DIR):
+            staged = self._staged(part_id, table)
+            if self.fs.exists(staged):
+                target = self.path(part_file(table, part_id))
+                self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                self.fs.mv(staged, target)  # a rename locally; copy + delete on object stores
+        self._remove_staging(part_id)
+
+    def _remove_staging(self, part_id: str) -> None:
+        folder = self.path(STAGING_DIR, part_id)
+        for leftover in self.fs.find(folder, withdirs=False):  # a staged file, or a local temp file
+            self.fs.rm(leftover)
+        if is_local(self.fs) and self.fs.exists(folder):
+            self.fs.rmdir(folder)
 
     # --- reading / resume ---------------------------------------------------------------------------
 
@@ -91,62 +133,56 @@ class OutputStore:
         return json.loads(self.fs.cat_file(self.path(RUN_FILE)))
 
     def committed_parts(self) -> list[str]:
-        """Names of the parts whose images part is published (the committed ones), sorted."""
-        return sorted(self._part_names(IMAGES_DIR))
+        """Ids of the committed parts, sorted."""
+        return self.tables.part_ids()
 
-    def recover(self) -> int:
-        """Remove what an interrupted run left: annotations parts without their images part, and local temp
-        files. Returns the number of orphaned annotations parts removed."""
-        committed = set(self._part_names(IMAGES_DIR))
-        orphans = [n for n in self._part_names(ANNOTATIONS_DIR) if n not in committed]
-        for name in orphans:
-            self.fs.rm(self.path(ANNOTATIONS_DIR, name))
+    def recover(self) -> Recovery:
+        """Finish or undo what an interrupted run left under ``_staging/`` (see the commit protocol)."""
+        staging = self.path(STAGING_DIR)
+        self.fs.invalidate_cache(staging)
+        if not self.fs.exists(staging):
+            return Recovery(0, 0)
+        part_ids = sorted({posixpath.relpath(p, staging).split("/", 1)[0]
+                           for p in self.fs.find(staging, withdirs=False)})
+        forward = [i for i in part_ids if self.fs.exists(self._staged(i, IMAGES_DIR))
+                   or self.fs.exists(self.path(part_file(IMAGES_DIR, i)))]
+        for part_id in part_ids:
+            self._publish(part_id) if part_id in forward else self._remove_staging(part_id)
         if is_local(self.fs):
-            for folder in (IMAGES_DIR, ANNOTATIONS_DIR, ""):
-                for temp in self.fs.glob(self.path(folder, ".*.tmp")):
-                    self.fs.rm(temp)
-        return len(orphans)
+            for folder in self.fs.ls(staging, detail=False):
+                self.fs.rmdir(folder)  # folders emptied above (object stores have no folders)
+        return Recovery(rolled_forward=len(forward), rolled_back=len(part_ids) - len(forward))
 
     def done_uris(self) -> set[str]:
         """``image_uri`` of every images row already committed (labelled or error): what a re-run skips.
 
         Raises `OutputError` if a part was written with another schema version.
         """
-        names = self.committed_parts()
-        with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-            tables = list(pool.map(lambda n: self._read(IMAGES_DIR, n, columns=["image_uri"]), names))
-        return {uri for table in tables for uri in table.column("image_uri").to_pylist()}
+        return {uri for batch in self._scan(IMAGES_DIR, ["image_uri"])
+                for uri in batch.column("image_uri").to_pylist()}
 
     def status_counts(self) -> tuple[collections.Counter, int]:
         """Over all committed parts: Counter of ``"ok"`` / error kinds per image, and the annotation count."""
         counts: collections.Counter = collections.Counter()
         annotations = 0
-        for name in self.committed_parts():
-            table = self._read(IMAGES_DIR, name, columns=["status", "error_kind", "num_annotations"])
-            for status, kind in zip(table.column("status").to_pylist(), table.column("error_kind").to_pylist()):
+        for batch in self._scan(IMAGES_DIR, ["status", "error_kind", "num_annotations"]):
+            for status, kind in zip(batch.column("status").to_pylist(), batch.column("error_kind").to_pylist()):
                 counts[STATUS_OK if status == STATUS_OK else kind] += 1
-            annotations += int(pc.sum(table.column("num_annotations")).as_py() or 0)
+            annotations += int(pc.sum(batch.column("num_annotations")).as_py() or 0)
         return counts, annotations
 
-    def read_table(self, kind: str) -> pa.Table:
-        """All committed rows of ``kind`` (``"images"`` or ``"annotations"``) as one table (small outputs, tests)."""
-        schema = IMAGES_SCHEMA if kind == IMAGES_DIR else ANNOTATIONS_SCHEMA
-        tables = [self._read(kind, name) for name in self.committed_parts()]
-        return pa.concat_tables(tables) if tables else schema.empty_table()
+    def read_table(self, kind: str, part_ids: list[str] | None = None) -> pa.Table:
+        """Committed rows of ``kind`` (``"images"`` or ``"annotations"``), of all parts or of ``part_ids``."""
+        try:
+            return self.tables.read(kind, part_ids=part_ids)
+        except SchemaError as err:
+            raise OutputError(f"{err}; write to a new --output") from None
 
-    def _part_names(self, folder: str) -> list[str]:
-        if not self.fs.exists(self.path(folder)):
-            return []
-        return [p.rsplit("/", 1)[-1] for p in self.fs.glob(self.path(folder, f"part-*{PART_SUFFIX}"))]
-
-    def _read(self, folder: str, name: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(self.path(folder, name), "rb") as source:
-            table = pq.read_table(source, columns=columns)
-        version = (table.schema.metadata or {}).get(SCHEMA_VERSION_KEY, b"").decode()
-        if version != SCHEMA_VERSION:
-            raise OutputError(f"{self.url(folder, name)} has label-table schema version {version or 'none'}, this "
-                              f"ovsam-batch writes version {SCHEMA_VERSION}; write to a new --output")
-        return table
+    def _scan(self, kind: str, columns: list[str]):
+        try:
+            yield from self.tables.scan(kind, columns)
+        except SchemaError as err:
+            raise OutputError(f"{err}; write to a new --output") from None
 
 
 def _with_metadata(table: pa.Table, metadata: dict) -> pa.Table:
@@ -159,17 +195,72 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-class WriteParts:
-    """Ray Data stage: a batch of `LabelImages` result rows → one published pair of parts → one summary row.
+@dataclasses.dataclass(frozen=True)
+class PartLimits:
+    """When a writer publishes its buffered rows as a part: at ``images`` images, at ``bytes`` of buffered Arrow
+    data (the part's size in memory; the Parquet file is smaller), or when its oldest row has waited
+    ``seconds`` (so that a kill loses at most about that much of each writer's work)."""
 
-    Summary columns: ``images``, ``ok``, ``annotations`` (counts) and ``error_kinds`` (JSON object kind → count).
+    images: int
+    bytes: int
+    seconds: float
+
+
+class PartWriter:
+    """Accumulates result rows across model batches and publishes them as parts (a plain Ray actor).
+
+    Several Ray Data tasks feed one writer (`SendToWriter`); the driver calls `flush` once the dataset is
+    consumed, because Ray Data has no end-of-stream call per actor. Rows are only committed once published:
+    a writer killed with rows in its buffer loses them, and the next run labels those images again.
     """
 
-    def __init__(self, output: str, endpoint_url: str | None, metadata: dict):
+    def __init__(self, output: str, endpoint_url: str | None, metadata: dict, limits: PartLimits):
         self.store = OutputStore(output, endpoint_url)
         self.metadata = metadata
+        self.limits = limits
+        self._images: list[pa.Table] = []
+        self._annotations: list[pa.Table] = []
+        self._rows = self._bytes = 0
+        self._oldest = 0.0
+
+    def add(self, images: pa.Table, annotations: pa.Table) -> None:
+        """Buffer one batch's images rows and their annotations rows; publish a part if a limit is reached."""
+        if not self._rows:
+            self._oldest = time.monotonic()
+        self._images.append(images)
+        self._annotations.append(annotations)
+        self._rows += images.num_rows
+        self._bytes += images.nbytes + annotations.nbytes
+        if (self._rows >= self.limits.images or self._bytes >= self.limits.bytes
+                or time.monotonic() - self._oldest >= self.limits.seconds):
+            self.flush()
+
+    def flush(self) -> int:
+        """Publish the buffered rows as one part (nothing when empty); return the number of images published."""
+        if not self._rows:
+            return 0
+        images = pa.concat_tables(self._images)
+        annotations = pa.concat_tables(self._annotations)
+        self.store.write_part(images, annotations, self.metadata)
+        self._images, self._annotations, self._rows, self._bytes = [], [], 0, 0
+        return images.num_rows
+
+
+class SendToWriter:
+    """Ray Data stage: a batch of `LabelImages` result rows → Arrow tables handed to a `PartWriter` → one summary row.
+
+    Batches go to the writers in turn; each call waits until its writer has buffered the rows, so a slow
+    writer slows the stream instead of piling up rows. Summary columns: ``images``, ``ok``, ``annotations``
+    (counts) and ``error_kinds`` (JSON object kind → count).
+    """
+
+    def __init__(self, writers: list):
+        self.writers = writers
+        self._next = random.randrange(len(writers))  # senders start at different writers
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
         ok = batch["status"] == STATUS_OK
         undecoded = batch["width"] < 0  # decode errors have no size; prompt or model errors do
         images = pa.table({
@@ -183,7 +274,9 @@ class WriteParts:
         })
         parts = [deserialize(data) for data in batch["annotations"] if len(data)]
         annotations = pa.concat_tables(parts) if parts else ANNOTATIONS_SCHEMA.empty_table()
-        self.store.write_part(images, annotations, self.metadata)
+        writer = self.writers[self._next]
+        self._next = (self._next + 1) % len(self.writers)
+        ray.get(writer.add.remote(validate(images, IMAGES_SCHEMA), annotations))
         kinds = collections.Counter(kind for kind, good in zip(batch["error_kind"], ok) if not good)
         return {"images": np.array([len(ok)]), "ok": np.array([int(ok.sum())]),
                 "annotations": np.array([annotations.num_rows]), "error_kinds": np.array([json.dumps(kinds)])}

@@ -23,6 +23,7 @@ SCHEMA_VERSION_KEY = b"ovsam_batch.schema_version"
 # Layout of a label output prefix (local folder or object-storage prefix).
 IMAGES_DIR = "images"  # Parquet parts of the images table
 ANNOTATIONS_DIR = "annotations"  # Parquet parts of the annotations table, one per images part
+STAGING_DIR = "_staging"  # parts being written or published; table readers ignore `_`-prefixed paths
 RUN_FILE = "run.json"  # the last run's settings (no secrets), model, vocabulary, counts
 COCO_FILE = "coco.json"  # COCO instances export, on request
 EVAL_FILE = "eval.json"  # written by `ovsam-batch eval`

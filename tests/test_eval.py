@@ -108,6 +108,23 @@ def test_box_prompted_metrics_match_hand_computed_values(tmp_path):
     assert (report["missing"], report["unmatched_predictions"]) == (1, 0)
 
 
+def test_eval_reads_only_committed_parts_of_the_current_schema_version(tmp_path):
+    gt, images, annotations = _box_case()
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = tmp_path / "out"
+    _write_outputs(str(out), images, annotations)
+    expected = evaluation.evaluate(evaluation.EvalConfig(str(out), str(tmp_path / "gt.json")))
+    # A kill in the middle of publishing a part: its annotations are in the table folder, its images file is
+    # not (yet). Counting them would pair each object with a second prediction.
+    pq.write_table(pa.Table.from_pylist(annotations, schema=ANNOTATIONS_SCHEMA), out / "annotations/part-1.parquet")
+    assert evaluation.evaluate(evaluation.EvalConfig(str(out), str(tmp_path / "gt.json"))) == expected
+
+    old = pa.Table.from_pylist(images, schema=IMAGES_SCHEMA).replace_schema_metadata({})
+    pq.write_table(old, out / "images/part-2.parquet")
+    with pytest.raises(evaluation.EvalError, match="schema version none"):
+        evaluation.evaluate(evaluation.EvalConfig(str(out), str(tmp_path / "gt.json")))
+
+
 def test_point_prompts_pair_with_the_object_under_the_point(tmp_path):
     gt, images, _ = _box_case()
     square = _mask(slice(5, 10), slice(5, 10))

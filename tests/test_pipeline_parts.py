@@ -13,7 +13,7 @@ import pytest
 from pipelines.config import ConfigError, LabelConfig
 from pipelines.decode import MAX_IMAGE_PIXELS, DecodeError, ReadAndDecode, decode_image
 from pipelines.label import WorkerPlan, plan_workers
-from pipelines.output import OutputStore
+from pipelines.output import OutputStore, Recovery
 from ovsam import PromptError
 from pipelines.predict import (
     MAX_PIXELS_PER_MODEL_CALL,
@@ -25,7 +25,7 @@ from pipelines.predict import (
 from pipelines.prompts import PromptsFileError, load_box_prompts
 from pipelines.storage import list_inputs, open_for_publish, open_fs, redact_text, redact_uri
 from schemas.annotations import AnnotationColumns
-from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR, IMAGES_SCHEMA
+from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR, IMAGES_SCHEMA, STAGING_DIR
 from tests.pipeline_cases import huge_png_header, image_cases
 from tests.test_schemas import LABELS, random_prediction
 
@@ -184,23 +184,43 @@ def _images_rows(uris: list[str]) -> pa.Table:
                      "num_annotations": [2] * len(uris)}, schema=IMAGES_SCHEMA)
 
 
-def test_store_resume_state_drops_uncommitted_annotations(tmp_path):
+def test_recovery_rolls_committed_parts_forward_and_the_rest_back(tmp_path):
+    import pyarrow.dataset as ds
+
     store = OutputStore(str(tmp_path / "out"))
     annotations = AnnotationColumns.empty()
     for uri in ("a.jpg", "b.jpg"):
         annotations.extend(AnnotationColumns.from_prediction(uri, random_prediction(0, 8, 8, 2), LABELS))
     store.write_part(_images_rows(["a.jpg", "b.jpg"]), annotations.to_table(), {"model": "test"})
-    # A run killed between its two publishes: the annotations part is there, its images part is not.
+    assert store.fs.find(store.path(STAGING_DIR)) == []  # nothing left once a part is published
+    # Killed before the commit point: the annotations file staged, the images file not.
     orphan = AnnotationColumns.from_prediction("c.jpg", random_prediction(1, 8, 8, 2), LABELS).to_table()
-    store.fs.pipe(store.path(ANNOTATIONS_DIR, "part-killed.parquet"), _parquet(orphan))
-    store.fs.pipe(store.path(IMAGES_DIR, ".part-x.parquet.123.tmp"), b"half")
+    _put(store, store.path(STAGING_DIR, "killed", "annotations.parquet"), _parquet(orphan))
+    _put(store, store.path(STAGING_DIR, "killed", ".images.parquet.123.tmp"), b"half")
+    # Killed after the commit point, between the two moves: annotations published, images still staged.
+    late = AnnotationColumns.from_prediction("d.jpg", random_prediction(2, 8, 8, 3), LABELS).to_table()
+    _put(store, store.path(ANNOTATIONS_DIR, "part-late.parquet"), _parquet(late))
+    _put(store, store.path(STAGING_DIR, "late", "images.parquet"), _parquet(_images_rows(["d.jpg"])))
 
-    assert store.recover() == 1
-    assert store.done_uris() == {"a.jpg", "b.jpg"}
-    assert sorted(store.read_table(ANNOTATIONS_DIR).column("image_uri").to_pylist()) == ["a.jpg"] * 2 + ["b.jpg"] * 2
-    assert not store.fs.glob(store.path(IMAGES_DIR, ".*"))
+    # Plain readers of a table folder never see an uncommitted row (the staged orphan of c.jpg).
+    plain = ds.dataset(str(tmp_path / "out" / ANNOTATIONS_DIR)).to_table()
+    assert "c.jpg" not in plain.column("image_uri").to_pylist()
+    assert store.done_uris() == {"a.jpg", "b.jpg"}  # the one reader: parts whose images file is published
+
+    assert store.recover() == Recovery(rolled_forward=1, rolled_back=1)
+    assert store.done_uris() == {"a.jpg", "b.jpg", "d.jpg"}
+    assert sorted(store.read_table(ANNOTATIONS_DIR).column("image_uri").to_pylist()) == (
+        ["a.jpg"] * 2 + ["b.jpg"] * 2 + ["d.jpg"] * 3)
+    assert store.fs.find(store.path(STAGING_DIR)) == []
+    assert sorted(ds.dataset(str(tmp_path / "out" / IMAGES_DIR)).to_table().column("image_uri").to_pylist()) == [
+        "a.jpg", "b.jpg", "d.jpg"]
     with pytest.raises(Exception, match="image_uri"):
-        store.write_part(_images_rows(["d.jpg"]).drop_columns(["image_uri"]), annotations.to_table(), {})
+        store.write_part(_images_rows(["e.jpg"]).drop_columns(["image_uri"]), annotations.to_table(), {})
+
+
+def _put(store: OutputStore, path: str, data: bytes) -> None:
+    store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    store.fs.pipe(path, data)
 
 
 def _parquet(table: pa.Table) -> bytes:

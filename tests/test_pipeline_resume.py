@@ -1,8 +1,9 @@
 """Resume: the CLI is killed (SIGKILL) part-way, the same command is run again, every image ends up exactly once.
 
-The kill also lands, for one batch, between its two publishes (annotations part written, images part not):
-that state is produced by removing one committed images part after the kill, exactly what a kill at that
-instant leaves behind.
+Two more kill instants are produced by hand after the kill, exactly as the commit protocol
+(`pipelines.output`) leaves them: one part killed after its commit point but between its two moves (its
+annotations published, its images file still staged: rolled forward), and one part killed before its commit
+point (its annotations staged, no images file: rolled back, its images labelled again).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from pathlib import Path
 import pytest
 
 from pipelines.output import OutputStore
-from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR
+from schemas.committed import part_file
+from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR, STAGING_DIR
 from tests.pipeline_cases import shapes_image
 
-NUM_IMAGES = 14
+NUM_IMAGES = 40  # five input blocks: the kill lands while later blocks are still in the model
 BATCH_SIZE = 2
+PART_SIZE = 4  # images per part: parts span model batches
 # Seconds to let Ray reap the killed driver's actors before the re-run (a dying writer must not publish
 # while the next run lists the output).
 _REAP_WAIT_S = 5
@@ -48,7 +51,7 @@ def test_killed_run_resumes_with_every_image_exactly_once(ray_cluster, tmp_path)
         "annotations": [{"id": k, "image_id": i, "bbox": box} for k, (i, box) in
                         enumerate((i, b) for i, bs in enumerate(boxes.values()) for b in bs)]}))
     command = _cli(str(images_dir), "--output", str(output), "--mode", "box", "--prompts", str(prompts),
-                   "--batch-size", str(BATCH_SIZE), "--address", ray_cluster.address, "--coco")
+                   "--batch-size", str(BATCH_SIZE), "--part-size", str(PART_SIZE), "--address", ray_cluster.address, "--coco")
 
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + _RUN_TIMEOUT_S
@@ -64,13 +67,19 @@ def test_killed_run_resumes_with_every_image_exactly_once(ray_cluster, tmp_path)
     committed = store.committed_parts()
     done_before = store.done_uris()
     assert 0 < len(done_before) < NUM_IMAGES, "the kill must land part-way"
-    # A kill between the two publishes of a batch: its annotations part exists, its images part does not.
-    store.fs.rm(store.path(IMAGES_DIR, committed[0]))
-    assert store.fs.exists(store.path(ANNOTATIONS_DIR, committed[0]))
+    # Killed between the two moves of a committed part: annotations published, images file still staged.
+    (output / STAGING_DIR / committed[0]).mkdir(parents=True)
+    (output / part_file(IMAGES_DIR, committed[0])).rename(output / STAGING_DIR / committed[0] / "images.parquet")
+    # Killed before the commit point: annotations staged, no images file; its images get labelled again.
+    (output / STAGING_DIR / committed[1]).mkdir()
+    (output / part_file(ANNOTATIONS_DIR, committed[1])).rename(
+        output / STAGING_DIR / committed[1] / "annotations.parquet")
+    (output / part_file(IMAGES_DIR, committed[1])).unlink()
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=_RUN_TIMEOUT_S)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "Skipped" in second.stdout and "Removed 1 unfinished part" in second.stdout
+    assert "Skipped" in second.stdout
+    assert "finished publishing 1 committed part(s), removed 1 unfinished part(s)" in second.stdout
 
     images = store.read_table(IMAGES_DIR).to_pylist()
     annotations = store.read_table(ANNOTATIONS_DIR).to_pylist()
@@ -79,6 +88,12 @@ def test_killed_run_resumes_with_every_image_exactly_once(ray_cluster, tmp_path)
     assert all(row["status"] == "ok" for row in images)
     ids = [row["annotation_id"] for row in annotations]
     assert len(ids) == len(set(ids)) == sum(len(b) for b in boxes.values())  # no annotation twice or lost
-    assert sorted(store.committed_parts()) == sorted(p.name for p in (output / ANNOTATIONS_DIR).glob("part-*"))
+    assert [f"part-{i}.parquet" for i in store.committed_parts()] == sorted(
+        p.name for p in (output / ANNOTATIONS_DIR).glob("*"))
+    assert committed[0] in store.committed_parts() and committed[1] not in store.committed_parts()
+    assert not list((output / STAGING_DIR).rglob("*"))
+    part_images = [len(store.read_table(IMAGES_DIR, [i])) for i in store.committed_parts()]
+    # A part holds several model batches: published once it reaches PART_SIZE, so less than a batch over.
+    assert BATCH_SIZE < PART_SIZE <= max(part_images) < PART_SIZE + BATCH_SIZE
     coco = json.loads((output / "coco.json").read_text())
     assert len(coco["images"]) == NUM_IMAGES and len(coco["annotations"]) == len(ids)

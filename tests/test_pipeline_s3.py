@@ -43,8 +43,8 @@ def input_bucket(s3_server):
 def _check_tables(store: OutputStore) -> tuple[list[dict], list[dict]]:
     """Every committed part validates against its schema and carries the schema version; return all rows."""
     for folder, schema in ((IMAGES_DIR, IMAGES_SCHEMA), (ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA)):
-        for name in store.committed_parts():
-            with store.fs.open(store.path(folder, name), "rb") as source:
+        for path in store.tables.files(folder):
+            with store.fs.open(path, "rb") as source:
                 table = pq.read_table(source)
             assert table.schema.metadata[SCHEMA_VERSION_KEY] == SCHEMA_VERSION.encode()
             validate(table, schema)

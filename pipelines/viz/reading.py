@@ -1,7 +1,8 @@
 """Read the outputs of `ovsam-batch label` for viewing: only the columns needed, in bounded memory.
 
 An output prefix (local path or any fsspec URL such as ``s3://bucket/run``) holds
-``images/*.parquet`` and ``annotations/*.parquet`` (see `schemas.tables`) and, when the run wrote them,
+committed ``images/*.parquet`` and ``annotations/*.parquet`` (read through `schemas.committed`, the one reader
+of committed rows) and, when the run wrote them,
 ``run.json`` (run summary) and ``eval.json`` (written by ``ovsam-batch eval``).
 
 Nothing here loads a whole table. Tables are scanned batch by batch through `pyarrow.dataset` with a
@@ -25,29 +26,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pipelines.output import PART_SUFFIX
 from pipelines.storage import open_fs, redact_uri, storage_options
-from schemas.tables import (
-    ANNOTATIONS_DIR,
-    ANNOTATIONS_SCHEMA,
-    EVAL_FILE,
-    IMAGES_DIR,
-    IMAGES_SCHEMA,
-    SCHEMA_VERSION,
-    SCHEMA_VERSION_KEY,
-    STATUS_OK,
-)
+from schemas.committed import CommittedTables
+from schemas.tables import ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, EVAL_FILE, IMAGES_DIR, STATUS_OK, SchemaError
 
-# Rows per scanned batch: large enough to amortise Python overhead, small enough (a few MB of the
-# projected columns) that a scan's memory stays flat whatever the table size.
-SCAN_BATCH_ROWS = 65_536
-# Parts decoded ahead of the consumer. pyarrow's default (4 parts, 16 batches) makes peak memory grow with
-# the part count up to 4 decoded parts; 2 keeps one part in flight while the next is read (object-store
-# latency hidden), so memory is bounded by about two parts' projected columns.
-SCAN_READAHEAD = 2
 # Columns an overlay needs from the annotations table.
 DRAW_COLUMNS = ("image_uri", "annotation_id", "bbox", "segmentation", "label", "score")
 
@@ -137,57 +121,17 @@ class LabelOutput:
             raise VizError(
                 f"{redact_uri(prefix)} is not an output of `ovsam-batch label`: it has no {IMAGES_DIR}/ folder"
             )
-        self._check_schema_version(IMAGES_DIR)
-        self._check_schema_version(ANNOTATIONS_DIR)
-
-    def _published(self, table_dir: str) -> list[str]:
-        directory = posixpath.join(self.root, table_dir)
-        if not self.fs.isdir(directory):
-            return []
-        return sorted(self.fs.glob(posixpath.join(directory, f"part-*{PART_SUFFIX}")))
-
-    def _parts(self, table_dir: str) -> list[str]:
-        """Committed Parquet parts of a table, sorted (see `pipelines.output`: an images part commits the
-        annotations part of the same name; an annotations part without one is from an interrupted batch)."""
-        parts = self._published(table_dir)
-        if table_dir == ANNOTATIONS_DIR:
-            committed = {posixpath.basename(p) for p in self._published(IMAGES_DIR)}
-            parts = [p for p in parts if posixpath.basename(p) in committed]
-        return parts
-
-    def _check_schema_version(self, table_dir: str) -> None:
-        parts = self._parts(table_dir)
-        if not parts:
-            return
-        with self.fs.open(parts[0], "rb") as handle:
-            metadata = pq.read_schema(handle).metadata or {}
-        version = metadata.get(SCHEMA_VERSION_KEY, b"").decode()
-        if version and version != SCHEMA_VERSION:
-            raise VizError(
-                f"{parts[0]} was written with label-table schema version {version}; "
-                f"this ovsam-batch reads version {SCHEMA_VERSION}"
-            )
-
-    def _dataset(self, table_dir: str, schema: pa.Schema) -> ds.Dataset | None:
-        parts = self._parts(table_dir)
-        if not parts:
-            return None
-        return ds.dataset(parts, schema=schema, format="parquet", filesystem=self.fs)
+        self.tables = CommittedTables(self.fs, self.root, self.display)
 
     def scan(
         self, table: str, columns: Sequence[str], filter: ds.Expression | None = None
     ) -> Iterator[pa.RecordBatch]:
-        """Batches of ``columns`` of table ``"images"`` or ``"annotations"``, rows matching ``filter``."""
-        schema = {IMAGES_DIR: IMAGES_SCHEMA, ANNOTATIONS_DIR: ANNOTATIONS_SCHEMA}[table]
-        dataset = self._dataset(table, schema)
-        if dataset is None:
-            return
+        """Batches of ``columns`` of the committed rows of table ``"images"`` or ``"annotations"`` matching
+        ``filter`` (`schemas.committed.CommittedTables.scan`)."""
         try:
-            batches = dataset.to_batches(columns=list(columns), filter=filter, batch_size=SCAN_BATCH_ROWS,
-                                         fragment_readahead=SCAN_READAHEAD, batch_readahead=SCAN_READAHEAD)
-            for batch in batches:
-                if batch.num_rows:
-                    yield batch
+            yield from self.tables.scan(table, columns, filter)
+        except SchemaError as err:
+            raise VizError(str(err)) from err
         except (OSError, pa.ArrowInvalid) as err:
             raise VizError(f"cannot read the {table} table under {self.display}: {err}") from err
 
