@@ -117,7 +117,8 @@ def train_loop(loop_config: dict) -> None:
     job: Clip2SamJob = loop_config["job"]
     settings: common.RunSettings = loop_config["settings"]
     device, model, state = common.start_worker(job.model, settings)
-    model.config = dataclasses.replace(model.config, trained=True, vocabulary=loop_config["vocabulary_spec"])
+    model.config = dataclasses.replace(model.config, trained=True, vocabulary=loop_config["vocabulary_spec"],
+                                       seen_classes=loop_config["seen_classes"])
     trained_modules = [model.fpn, model.head.mask_decoder, model.head.label_token, model.head.roi_conv]
     if job.train_adapter:
         trained_modules.append(model.sam2clip)
@@ -163,8 +164,10 @@ def run(job: Clip2SamJob, settings: common.RunSettings) -> ray.train.Result:
     """Train CLIP2SAM; reads and checks the annotations and the vocabulary before any worker starts."""
     coco = load_coco(job.annotations)
     spec, mapping = training_vocabulary(job, coco_categories(coco).names)
+    # The head learns exactly the dataset's classes: what the exported config records as seen.
+    class_strings = ovsam.Vocabulary.from_spec(spec).class_strings
     loop_config = {"job": job, "settings": settings, "coco": coco, "vocabulary_spec": spec,
-                   "class_to_vocabulary": mapping}
+                   "class_to_vocabulary": mapping, "seen_classes": tuple(class_strings[k] for k in mapping)}
     return common.run(train_loop, loop_config, settings)
 
 

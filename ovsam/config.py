@@ -91,8 +91,12 @@ class OVSAMConfig:
     # Weight source per role (local path, fsspec URL, hf://owner/repo/file); a missing role keeps the
     # seeded random initialisation.
     weights: Mapping[str, str] = field(default_factory=dict)
-    # The vocabulary the weights were trained with (a `Vocabulary.from_spec` string).
+    # The default vocabulary of a run with this model (a `Vocabulary.from_spec` string).
     vocabulary: str | None = None
+    # The class strings the CLIP2SAM head was trained on (the categories of its training data). A run's
+    # class is "seen" (fusion weight alpha) when it shares a normalised synonym with one of them; every
+    # other class is novel (beta). None: the training classes are unknown, every class is novel.
+    seen_classes: tuple[str, ...] | None = None
     # False for random-weight presets: every output made with them is marked untrained.
     trained: bool = True
     seed: int = 0
@@ -131,6 +135,8 @@ class OVSAMConfig:
             for key, section_cls in sections.items():
                 if key in data:
                     data[key] = section_cls(**data[key])
+            if data.get("seen_classes") is not None:
+                data["seen_classes"] = tuple(data["seen_classes"])
             if "adapter" in data:
                 data["adapter"] = dataclasses.replace(
                     data["adapter"], global_attn_indexes=tuple(data["adapter"].global_attn_indexes)

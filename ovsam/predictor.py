@@ -43,7 +43,8 @@ class Prediction:
 class Predictor:
     """Answers prompts for images with one model and one vocabulary.
 
-    vocabulary: defaults to the vocabulary the model was trained with (its config), else COCO.
+    vocabulary: defaults to the model config's vocabulary, else COCO. Its classes that the weights were
+    trained on (`config.seen_classes`, matched by synonym) are fused with weight alpha, the others with beta.
     top_k: how many ranked labels each object keeps. prompt_batch_size: prompts decoded together.
     class_embeddings: precomputed [K, P, E] unit-norm embeddings of `vocabulary` (such as the release's
     class-embedding files); default: embedded with the model's CLIP text tower (cached on disk).
@@ -70,8 +71,8 @@ class Predictor:
                 cache_dir=cache_dir,
             )
         self.class_embeddings = class_embeddings.to(device)
-        seen = self.vocabulary.seen_mask()
-        self.seen = None if seen is None else torch.from_numpy(seen).to(device)
+        # Seen classes come from what the weights were trained on, not from the run's vocabulary.
+        self.seen = torch.from_numpy(self.vocabulary.seen_by(model.config.seen_classes)).to(device)
         self._features: ImageFeatures | None = None
         self._frame: ImageFrame | None = None
 

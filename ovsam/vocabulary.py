@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -144,12 +144,19 @@ class Vocabulary:
         """sha256 hex digest of the class strings, in order (the split does not change the embeddings)."""
         return hashlib.sha256(json.dumps(list(self.class_strings)).encode()).hexdigest()
 
-    def seen_mask(self) -> np.ndarray | None:
-        """``[K] bool``, True for base (seen in training) classes; ``None`` if the vocabulary has no split."""
-        if self.base_ids is None:
-            return None
+    def seen_by(self, seen_classes: Sequence[str] | None) -> np.ndarray:
+        """``[K] bool``: True for the classes a head trained on ``seen_classes`` (class strings) has seen.
+
+        A class is seen when one of its synonyms (normalised by :func:`split_synonyms`) is a synonym of a
+        training class, so ``"car"`` is seen by COCO's ``"car,cars"``; ``None`` (unknown training classes)
+        marks every class novel.
+        """
         mask = np.zeros(len(self), dtype=bool)
-        mask[list(self.base_ids)] = True
+        if seen_classes is None:
+            return mask
+        known = {synonym for class_string in seen_classes for synonym in split_synonyms(class_string)}
+        for index, class_synonyms in enumerate(self.synonyms):
+            mask[index] = any(synonym in known for synonym in class_synonyms)
         return mask
 
     @classmethod

@@ -117,6 +117,7 @@ def test_clip2sam_resumes_after_a_worker_dies(ray_cluster, tmp_path, monkeypatch
     assert {key.split(".")[0] for key in keys} == {"fpn_neck", "mask_decoder"}
     trained = ovsam.load_model(export, device="cpu")
     assert trained.config.trained and trained.config.vocabulary == ",".join(shapes.SHAPE_CLASSES)
+    assert trained.config.seen_classes == tuple(shapes.SHAPE_CLASSES)
     # The release-layout file alone, given as --weights clip2sam=..., loads into the starting preset.
     as_weights = ovsam.load_model(preset, weights={"clip2sam": str(export / "clip2sam.safetensors")}, device="cpu")
     untrained = ovsam.load_model(preset, device="cpu")

@@ -77,6 +77,16 @@ def test_saved_model_directory_loads_and_predicts_the_same(tiny, tmp_path, image
     ovsam.load_model(half, device="cpu")
 
 
+def test_predictor_fuses_with_the_seen_classes_of_the_weights(tiny, tmp_path):
+    import dataclasses
+
+    trained_on_circles = dataclasses.replace(tiny.config, seen_classes=("circle", "star"))
+    model = ovsam.OVSAM(trained_on_circles)
+    vocabulary = ovsam.Vocabulary.from_spec("square,Circle,triangle")
+    predictor = ovsam.Predictor(model, vocabulary, cache_dir=tmp_path)
+    assert predictor.seen.tolist() == [False, True, False]
+
+
 def test_box_prompts_give_one_object_each(predictor, image):
     predictor.set_image(image)
     boxes = np.array([[10, 20, 110, 120], [150, 40, 300, 230]], np.float32)

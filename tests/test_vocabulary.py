@@ -85,9 +85,7 @@ def test_builtin_coco() -> None:
     assert len(coco.base_ids) == 48 and len(coco.novel_ids) == 17
     assert coco.names[:3] == ("person", "bicycle", "car") and coco.names[9] == "traffic light"
     assert coco.synonyms[1] == ("bicycle", "bicycles", "bike", "bikes")
-    mask = coco.seen_mask()
-    assert mask.dtype == np.bool_ and mask.shape == (80,) and mask.sum() == 48
-    assert not mask[list(coco.novel_ids)].any()
+    assert not set(coco.base_ids) & set(coco.novel_ids)
 
 
 def test_builtin_lvis_uses_category_names_in_id_order() -> None:
@@ -100,7 +98,6 @@ def test_builtin_lvis_uses_category_names_in_id_order() -> None:
     assert lvis.names[0] == "aerosol can"
     rare = [category["name"] for category in by_id if category["frequency"] == "r"]
     assert [lvis.class_strings[i] for i in lvis.novel_ids] == rare
-    assert lvis.seen_mask().sum() == len(data["base_ids"])
 
 
 def test_builtin_files_ship_unchanged() -> None:
@@ -115,7 +112,7 @@ def test_builtin_files_ship_unchanged() -> None:
 def test_fingerprint_and_properties() -> None:
     vocabulary = Vocabulary.from_spec("cat,dog,traffic light")
     assert vocabulary.names == ("cat", "dog", "traffic light") and len(vocabulary) == 3
-    assert vocabulary.seen_mask() is None
+    assert vocabulary.base_ids is None and vocabulary.novel_ids is None
     assert vocabulary.fingerprint == Vocabulary("other", ("cat", "dog", "traffic light")).fingerprint
     assert vocabulary.fingerprint != Vocabulary.from_spec("cat,dog,traffic lights").fingerprint
     assert len(vocabulary.fingerprint) == 64
@@ -212,7 +209,6 @@ def test_from_spec_json(tmp_path: Path) -> None:
     split.write_text(json.dumps({"classes": ["cat", "dog", "bird"], "base_ids": [0, 2], "novel_ids": [1]}))
     vocabulary = Vocabulary.from_spec(str(split))
     assert vocabulary.base_ids == (0, 2) and vocabulary.novel_ids == (1,)
-    assert vocabulary.seen_mask().tolist() == [True, False, True]
 
 
 def test_from_spec_comma_list_keeps_each_item_one_class() -> None:
@@ -254,3 +250,28 @@ def test_from_file_errors(tmp_path: Path, name: str, content: str | bytes, messa
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(VocabularyError, match=message):
         Vocabulary.from_spec(str(path))
+
+
+def test_seen_classes_come_from_the_weights_not_the_run_vocabulary() -> None:
+    """The README's own example: COCO weights with the LVIS vocabulary. Only the LVIS classes that are one of
+    COCO's 48 base classes (by normalised synonym) are seen; the other LVIS classes, base or not, are novel."""
+    import ovsam
+
+    coco_weights = ovsam.load_config("coco_rn50x16")[0].seen_classes
+    lvis_weights = ovsam.load_config("lvis_rn50x16")[0].seen_classes
+    coco, lvis = Vocabulary.from_spec("coco"), Vocabulary.from_spec("lvis")
+    # Same vocabulary as training: exactly the base split.
+    assert np.flatnonzero(coco.seen_by(coco_weights)).tolist() == sorted(coco.base_ids)
+    assert np.flatnonzero(lvis.seen_by(lvis_weights)).tolist() == sorted(lvis.base_ids)
+    # Across vocabularies: a few dozen LVIS classes, not LVIS's own 866 base classes.
+    seen = lvis.seen_by(coco_weights)
+    assert 20 <= seen.sum() <= 48
+    names = dict(zip(lvis.names, seen))
+    assert names["zebra"] and names["giraffe"] and names["person"]  # COCO base classes
+    assert not names["cat"] and not names["dog"]  # COCO novel classes
+    assert not names["aerosol can"]  # LVIS base, never in COCO
+    # A comma list: matched by normalised synonym ("Bike" is one of COCO's "bicycle" synonyms).
+    custom = Vocabulary.from_spec("Bike,tv_remote,cat,unicorn")
+    assert custom.seen_by(coco_weights).tolist() == [True, True, False, False]
+    # Weights that do not say what they were trained on: every class is novel.
+    assert not custom.seen_by(None).any()
