@@ -70,7 +70,7 @@ def bare_loop(paths: list[Path], boxes: dict[str, np.ndarray], preset: str, mode
     import torch
 
     import ovsam
-    from pipelines.decode import decode_image
+    from ovsam.images import decode_image
 
     torch.set_num_threads(threads)
     with PeakRss() as memory:

@@ -1,13 +1,13 @@
 """Training data of the two jobs, read from local paths or object storage through fsspec.
 
-* SA-1B layout (SAM2CLIP): a folder or prefix of images (``*.jpg``, ``*.jpeg``, ``*.png``), each optionally
+* SA-1B layout (SAM2CLIP): a folder or prefix of images (`ovsam.images.IMAGE_SUFFIXES`), each optionally
   beside a ``*.json`` of the same stem (SA-1B's per-image annotations; distillation needs only the image).
   Teacher embeddings live under their own prefix, one ``<relative image path>.npy`` per image (see
   `embedding_uri`).
 * COCO instances (CLIP2SAM): an instances JSON (COCO, LVIS or a user's own) and the folder its
   ``file_name``s are relative to.
 
-Images are decoded with EXIF orientation applied and converted to RGB, then preprocessed exactly as for
+Images are decoded by the labeller's decoder (`ovsam.images.decode_image`), then preprocessed exactly as for
 inference (`ovsam.transforms.preprocess`), so the model trains on the input it will see.
 """
 
@@ -23,11 +23,11 @@ import fsspec
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ovsam.images import IMAGE_SUFFIXES, DecodeError, decode_image
+from ovsam.redaction import redact_uri
 from ovsam.transforms import ImageFrame, preprocess
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EMBEDDING_SUFFIX = ".npy"
 # Ground-truth masks smaller than this (pixels in the model input frame) give no usable point prompt or
 # mask target after resizing and are skipped.
@@ -43,19 +43,17 @@ def join(prefix: str, relative: str) -> str:
 
 
 def read_image(uri: str) -> np.ndarray:
-    """Decode one image: RGB uint8 [H, W, 3], EXIF orientation applied. Raises `DataError`."""
+    """Decode one image with the labeller's decoder (`ovsam.images.decode_image`): RGB uint8 [H, W, 3],
+    EXIF orientation applied, 16-bit range kept. Raises `DataError`."""
     try:
         with fsspec.open(uri, "rb") as handle:
             data = handle.read()
     except FileNotFoundError as err:
-        raise DataError(f"image {uri} does not exist") from err
-    if not data:
-        raise DataError(f"image {uri} is empty (0 bytes)")
+        raise DataError(f"image {redact_uri(uri)} does not exist") from err
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"image {uri} cannot be decoded: {err}") from err
+        return decode_image(data)
+    except DecodeError as err:
+        raise DataError(f"image {redact_uri(uri)}: {err}") from err
 
 
 def list_images(prefix: str) -> list[str]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from jobs.data import DataError, embedding_uri, join, list_images, read_image, write_embedding
 from ovsam import weights as weight_io
+from ovsam.redaction import redact_uri
 from ovsam.transforms import preprocess
 
 MANIFEST_FILE = "teacher.json"
@@ -160,7 +161,7 @@ def precompute(config: PrecomputeConfig) -> dict:
     rows = dataset.take_all()
     teacher = dataclasses.asdict(config.teacher)
     if teacher["checkpoint"] is not None:
-        teacher["checkpoint"] = weight_io.redact(teacher["checkpoint"])
+        teacher["checkpoint"] = redact_uri(teacher["checkpoint"])
     manifest = {
         "teacher": teacher,
         "image_size": config.teacher.image_size,

@@ -21,6 +21,7 @@ from .clip2sam import FPN, OVSAMHead, classify, clip_region_valid
 from .clip_tower import CLIPTower, resize_logits
 from .config import MODEL_CONFIG_FILE, WEIGHT_ROLES, OVSAMConfig, load_config
 from .fusion import fuse_logits
+from .redaction import redact_uri
 from .sam2clip import SAM2CLIPAdapter
 
 # Key prefixes of the official files, per weight role: (prefix in the file, attribute of OVSAM).
@@ -177,7 +178,7 @@ def build_model(config: OVSAMConfig, *, base_dir: Path | None = None, cache_dir:
         for prefix, attribute in RELEASE_PREFIXES[role]:
             part = weight_io.strip_prefix(state, prefix) if prefix else state
             weight_io.load_strict(model.get_submodule(attribute), part, what=f"{role} ({prefix or 'open_clip'})",
-                                  source=weight_io.redact(source))
+                                  source=redact_uri(source))
     return model.eval()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
+from .redaction import redact_text, redact_uri
 
 CACHE_DIR_ENV = "OVSAM_CACHE_DIR"
 """Environment variable naming the root of ovsam's on-disk caches (downloaded weights, vocabulary embeddings)."""
@@ -55,25 +55,10 @@ def cache_root() -> Path:
     return Path(configured).expanduser() if configured else _DEFAULT_CACHE_ROOT.expanduser()
 
 
-def redact(source: str) -> str:
-    """``source`` fit for printing: user info (credentials) and query/fragment (signatures) removed from URLs."""
-    if "://" not in source:
-        return source
-    parts = urlsplit(source)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _scrub(text: str) -> str:
-    """Remove credentials and query strings from any URL that appears inside ``text`` (e.g. an error message)."""
-    text = re.sub(r"(\w+://)[^/\s'\"@]*@", r"\1", text)
-    return re.sub(r"(\w+://[^\s'\"?]*)\?[^\s'\"]*", r"\1", text)
-
-
 def _short_reason(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    reason = _scrub(reason)
+    reason = redact_text(reason)
     return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 3] + "..."
 
 
@@ -95,7 +80,7 @@ def resolve(source: str, *, cache_dir: Path | None = None) -> Path:
     if source.startswith(_HUB_SCHEME):
         return _resolve_hub(source)
     if source.startswith(_LOCAL_SCHEMES):
-        return _resolve_local(Path(unquote(urlsplit(source).path)), shown=redact(source))
+        return _resolve_local(Path(unquote(urlsplit(source).path)), shown=redact_uri(source))
     if "://" in source:
         return _resolve_remote(source, cache_dir if cache_dir is not None else cache_root() / "weights")
     return _resolve_local(Path(source).expanduser(), shown=source)
@@ -111,7 +96,7 @@ def _resolve_local(path: Path, *, shown: str) -> Path:
 
 
 def _resolve_remote(url: str, cache_dir: Path) -> Path:
-    shown = redact(url)
+    shown = redact_uri(url)
     parts = urlsplit(url)
     # Key on the URL without credentials, so the same object read with other credentials hits the cache,
     # while two URLs ending in the same file name never collide.
@@ -162,7 +147,7 @@ def _parse_hub_reference(source: str) -> tuple[str, str | None, str]:
     repo, _, revision = repo_and_revision.partition("@")
     if not (owner and repo and filename):
         raise WeightsError(
-            f"hub reference {redact(source)!r} is not of the form hf://owner/repo/path/in/repo "
+            f"hub reference {redact_uri(source)!r} is not of the form hf://owner/repo/path/in/repo "
             "(optionally hf://owner/repo@revision/path/in/repo)."
         )
     return f"{owner}/{repo}", unquote(revision) or None, filename
@@ -181,7 +166,7 @@ def _resolve_hub(source: str) -> Path:
 
     # Read the switch at call time: huggingface_hub itself reads it once, when it is first imported.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    shown = redact(source)
+    shown = redact_uri(source)
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
@@ -334,7 +319,7 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, what: s
     ]
     if problems:
         raise WeightsError(
-            f"{what} weights from {redact(source)} do not fit this model: {', '.join(problems)}. "
+            f"{what} weights from {redact_uri(source)} do not fit this model: {', '.join(problems)}. "
             "Is this the right file for the preset?"
         )
     complete = {**{key: expected[key] for key in optional if key not in given}, **given}

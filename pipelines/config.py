@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pipelines.storage import redact_uri
+from ovsam.redaction import redact_uri
 
 Mode = Literal["auto", "box"]
 MODES: tuple[Mode, ...] = ("auto", "box")

@@ -23,7 +23,8 @@ from pipelines.decode import ReadAndDecode
 from pipelines.output import PART_MAX_BYTES, OutputError, OutputStore, PartLimits, PartWriter, SendToWriter
 from pipelines.predict import LabelImages
 from pipelines.prompts import load_box_prompts
-from pipelines.storage import InputListing, list_inputs, redact_text, redact_uri
+from ovsam.redaction import redact_text, redact_uri
+from pipelines.storage import InputListing, list_inputs
 from schemas.tables import ANNOTATIONS_DIR, COCO_FILE, IMAGES_DIR, RUN_FILE, SCHEMA_VERSION
 
 # Settings that change what a label means: a re-run into an output written with other values would mix

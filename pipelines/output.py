@@ -41,7 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.predict import deserialize
-from pipelines.storage import is_local, join, open_for_publish, open_fs, publish_bytes, redact_uri
+from ovsam.redaction import redact_uri
+from pipelines.storage import is_local, join, open_for_publish, open_fs, publish_bytes
 from schemas.coco import CocoCounts, write_coco
 from schemas.committed import CommittedTables, part_file
 from schemas.tables import (ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, COCO_FILE, IMAGES_DIR, IMAGES_SCHEMA, RUN_FILE,

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.config import LabelConfig
-from pipelines.storage import redact_text
+from ovsam.redaction import redact_text
 from schemas.annotations import AnnotationColumns, TooManyAnnotationsError
 from schemas.tables import STATUS_ERROR, STATUS_OK
 

@@ -17,7 +17,8 @@ from collections import defaultdict
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.storage import open_fs, redact_text, redact_uri
+from ovsam.redaction import redact_text, redact_uri
+from pipelines.storage import open_fs
 
 
 class PromptsFileError(ValueError):

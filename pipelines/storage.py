@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import posixpath
 import re
 import urllib.parse
@@ -19,40 +18,10 @@ from collections.abc import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-# What a folder or prefix listing treats as an image (lower-case suffixes). A glob or a manifest is
-# taken as given: the user named those files, so each of them ends up labelled or as an error row.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+from ovsam.images import IMAGE_SUFFIXES
+from ovsam.redaction import redact_uri
+
 _GLOB_CHARS = re.compile(r"[*?\[]")
-# Query parameters that carry secrets in signed URLs (S3/GCS/Azure presigned, generic tokens).
-_SECRET_QUERY_KEY = re.compile(r"signature|credential|token|secret|password|key|sig$|^x-amz-", re.I)
-REDACTED = "REDACTED"
-_SECRET_ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-_MIN_SECRET_LENGTH = 4  # shorter values would blank ordinary words; real keys are 16+ characters
-
-
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without user:password and with secret-looking query values replaced by ``REDACTED``."""
-    if "://" not in uri:
-        return uri  # a local path
-    parts = urllib.parse.urlsplit(uri)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = urllib.parse.urlencode(
-        [(key, REDACTED if _SECRET_QUERY_KEY.search(key) else value)
-         for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)], safe="/:")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact_text(text: str) -> str:
-    """``text`` (e.g. an error message) with every URL in it passed through `redact_uri`, and any credential
-    of the environment's AWS chain (some S3 errors echo the key id) replaced by ``REDACTED``."""
-    text = _URL_IN_TEXT.sub(lambda match: redact_uri(match.group()), text)
-    for name in _SECRET_ENVIRONMENT:
-        if len(value := os.environ.get(name, "")) >= _MIN_SECRET_LENGTH:
-            text = text.replace(value, REDACTED)
-    return text
 
 
 def storage_options(url: str, endpoint_url: str | None) -> dict:

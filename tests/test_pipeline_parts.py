@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from pipelines.config import ConfigError, LabelConfig
-from pipelines.decode import MAX_IMAGE_PIXELS, DecodeError, ReadAndDecode, decode_image
+from ovsam.images import MAX_IMAGE_PIXELS, DecodeError, decode_image
+from pipelines.decode import ReadAndDecode
 from pipelines.label import WorkerPlan, plan_workers
 from pipelines.output import OutputStore, Recovery
 from ovsam import PromptError
@@ -23,7 +24,8 @@ from pipelines.predict import (
     pixel_groups,
 )
 from pipelines.prompts import PromptsFileError, load_box_prompts
-from pipelines.storage import list_inputs, open_for_publish, open_fs, redact_text, redact_uri
+from ovsam.redaction import redact_text, redact_uri
+from pipelines.storage import list_inputs, open_for_publish, open_fs
 from schemas.annotations import AnnotationColumns
 from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR, IMAGES_SCHEMA, STAGING_DIR
 from tests.pipeline_cases import huge_png_header, image_cases
@@ -48,6 +50,21 @@ def test_sixteen_bit_keeps_its_full_range():
     rgb = decode_image(grey16.data)
     assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, -1].tolist() == [255, 255, 255]
     assert len(np.unique(rgb[0, :, 0])) > 30  # a gradient, not saturated to two values
+
+
+@pytest.mark.parametrize("name", ["grey16.png", "exif_rotated.jpg"])
+def test_labeller_training_and_viewers_decode_alike(tmp_path, name):
+    """One decoder: the training data reader and the viewers see the labeller's pixels (16-bit range kept,
+    EXIF orientation applied), so training, labels and overlays share one frame."""
+    from jobs.data import read_image
+    from pipelines.viz.reading import read_source_image
+
+    case = next(c for c in image_cases(0) if c.name == name)
+    (tmp_path / name).write_bytes(case.data)
+    labeller = decode_image(case.data)
+    assert (labeller.shape[1], labeller.shape[0]) == case.size
+    for reader in (read_image, read_source_image):
+        np.testing.assert_array_equal(reader(str(tmp_path / name)), labeller)
 
 
 def test_the_bomb_limit_reads_only_the_header():
@@ -231,3 +248,12 @@ def _parquet(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
+
+
+def test_training_and_labelling_list_the_same_images(tmp_path):
+    """One list of image suffixes: a folder the labeller would label is the folder training reads."""
+    from jobs.data import list_images
+
+    for name in ("a.jpg", "b.webp", "c.TIF", "d.bmp", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert list_images(str(tmp_path)) == list(list_inputs(str(tmp_path)).keys) == ["a.jpg", "b.webp", "c.TIF", "d.bmp"]

@@ -143,3 +143,39 @@ def test_box_mode_from_a_manifest_with_coco_prompts(ray_cluster, input_bucket, t
         assert parquet_mask.shape == (by_name[annotation["image_uri"].rsplit("/", 1)[-1]]["height"],
                                       by_name[annotation["image_uri"].rsplit("/", 1)[-1]]["width"])
     _assert_no_secrets(store)
+
+
+def test_a_presigned_url_is_fetched_as_given_and_stored_redacted(s3_server, tmp_path, monkeypatch):
+    """A manifest line that is a presigned URL to the loopback S3 server: the decode stage fetches it with its
+    signature (the server's request recording shows it), the stored URI and any message carry it redacted."""
+    import boto3
+    import requests
+    from botocore.config import Config
+    from moto.moto_api import recorder
+
+    from pipelines.decode import ReadAndDecode
+    from pipelines.label import _work_items
+    from pipelines.storage import list_inputs
+
+    bucket = s3_server.make_bucket("presigned-inputs")
+    good = next(case for case in image_cases(3) if case.error_kind is None)
+    fsspec.filesystem("s3").pipe(f"{bucket}/private/a.jpg", good.data)
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, config=Config(signature_version="s3v4"))
+    url = client.generate_presigned_url("get_object", Params={"Bucket": "presigned-inputs", "Key": "private/a.jpg"})
+    signature = url.rsplit("X-Amz-Signature=", 1)[1]
+    (tmp_path / "manifest.txt").write_text(url + "\n")
+
+    listing = list_inputs(str(tmp_path / "manifest.txt"))
+    items = _work_items(listing, range(len(listing.uris)), set(), None)
+    batch = {key: np.array([item[key] for item in items], dtype=object) for key in items[0]}
+    monkeypatch.setattr(recorder, "_location", str(tmp_path / "recording"))
+    requests.post(f"{s3_server.endpoint_url}/moto-api/recorder/start-recording", timeout=10)
+    try:
+        out = ReadAndDecode(endpoint_url=None)(batch)
+    finally:
+        requests.post(f"{s3_server.endpoint_url}/moto-api/recorder/stop-recording", timeout=10)
+    fetched = [json.loads(line)["url"] for line in (tmp_path / "recording").read_text().splitlines()]
+    assert fetched and all(signature in fetched_url for fetched_url in fetched)
+    assert list(out["error_kind"]) == [""] and out["width"][0] == good.size[0]
+    assert signature not in out["image_uri"][0] and "X-Amz-Signature=REDACTED" in out["image_uri"][0]
+    assert "testing-access-key" not in out["image_uri"][0]

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ovsam.errors import OVSAMError, WeightsError
-from ovsam.weights import load_state_dict, load_strict, load_tensor, redact, resolve, strip_prefix
+from ovsam.redaction import redact_uri
+from ovsam.weights import load_state_dict, load_strict, load_tensor, resolve, strip_prefix
 
 
 def _small_state() -> dict[str, torch.Tensor]:
@@ -181,12 +182,12 @@ def test_load_strict_names_every_kind_of_mismatch() -> None:
     with pytest.raises(WeightsError) as raised:
         load_strict(target, state, what="clip2sam", source="s3://KEY:SECRET@bucket/w.pth?X-Amz-Signature=abc")
     message = str(raised.value)
-    assert message.startswith("clip2sam weights from s3://bucket/w.pth do not fit this model: ")
+    assert message.startswith("clip2sam weights from s3://bucket/w.pth?X-Amz-Signature=REDACTED do not fit this model: ")
     assert "1 missing key (head.bias)" in message
     assert "1 unexpected key (extra.weight)" in message
     assert "conv.weight: file [6,3,1,1] vs model [4,3,1,1]" in message
     assert "shape mismatches (" in message and "Is this the right file for the preset?" in message
-    assert "SECRET" not in message and "Signature" not in message
+    assert "SECRET" not in message and "abc" not in message
     for key, value in target.state_dict().items():  # nothing was half-loaded
         assert torch.equal(value, before[key]), key
 
@@ -197,9 +198,15 @@ def test_load_strict_lists_at_most_eight_names() -> None:
         load_strict(target, {}, what="sam2clip", source="/w.pth")
 
 
-def test_redact_strips_credentials_and_queries() -> None:
-    assert redact("https://user:pw@host:8443/a/b.pth?token=t#frag") == "https://host:8443/a/b.pth"
-    assert redact("/local/path.pth") == "/local/path.pth"
+def test_weight_sources_are_redacted_by_the_one_project_rule() -> None:
+    """Weight sources follow the same redaction as input URIs (ovsam.redaction): credentials and signature
+    values go, the rest of the query stays so the message still says which object."""
+    assert redact_uri("https://user:pw@host:8443/a/b.pth?token=t&v=2#frag") == \
+        "https://host:8443/a/b.pth?token=REDACTED&v=2#frag"
+    assert redact_uri("/local/path.pth") == "/local/path.pth"
+    import pipelines.storage
+
+    assert pipelines.storage.redact_uri is redact_uri
 
 
 def test_resolve_local_and_file_url(tmp_path: Path) -> None:
@@ -252,7 +259,7 @@ def test_unreachable_url_message_has_no_credentials(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as raised:
         resolve(url, cache_dir=tmp_path)
     message = str(raised.value)
-    assert message.startswith("could not download weights file http://127.0.0.1:9/weights/clip2sam.pth: ")
+    assert message.startswith("could not download weights file http://127.0.0.1:9/weights/clip2sam.pth?X-Amz-Signature=REDACTED: ")
     assert "Cannot connect" in message and "--weights" in message
     assert "hunter2" not in message and "deadbeef" not in message and "user" not in message
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import heapq
-import io
 import json
 import posixpath
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,9 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from PIL import Image, ImageOps
 
-from pipelines.storage import open_fs, redact_uri, storage_options
+from ovsam.images import DecodeError, decode_image
+from ovsam.redaction import redact_text, redact_uri
+from pipelines.storage import open_fs, storage_options
 from schemas.committed import CommittedTables
 from schemas.tables import ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, EVAL_FILE, IMAGES_DIR, STATUS_OK, SchemaError
 
@@ -224,7 +224,9 @@ def read_source_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:
     try:
         with fsspec.open(uri, "rb", **storage_options(uri, endpoint_url)) as handle:
             data = handle.read()
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise VizError(f"cannot read source image {redact_uri(uri)}: {type(err).__name__}: {err}") from err
+    except (OSError, ValueError) as err:
+        raise VizError(f"cannot read source image {redact_uri(uri)}: {type(err).__name__}: {redact_text(str(err))}") from err
+    try:
+        return decode_image(data)
+    except DecodeError as err:
+        raise VizError(f"cannot read source image {redact_uri(uri)}: {err}") from err

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipelines.storage import redact_uri
+from ovsam.redaction import redact_uri
 from pipelines.viz.overlay import MISSING_IMAGE_GREY, DrawnObject, contrasting_colour, decode_rle, render_overlay
 from pipelines.viz.page import (
     CSS,

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from PIL import Image
 
-from pipelines.storage import redact_uri
+from ovsam.redaction import redact_uri
 from pipelines.viz.overlay import display_shape, objects_from_rows, render_missing_image, render_overlay
 from pipelines.viz.reading import AnnotationFilter, LabelOutput, VizError, read_source_image
 from pipelines.viz.sheet import Tile, contact_sheet
