@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from pipelines.config import MODES, ConfigError, LabelConfig
+from pipelines.storage import STORAGE_ATTEMPTS
 
 # The models a fresh machine can run offline: the small model trained on synthetic shapes when the package
 # ships it, else the seeded random-weight preset (every output made with it is marked untrained).
@@ -65,15 +68,19 @@ def _parse_weights(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str]
 @click.option("--points-per-side", type=int, default=32, show_default=True,
               help="Auto mode: the point grid is N×N prompts per image (e.g. 8 for a quick try).")
 @click.option("--top-k", type=int, default=5, show_default=True, help="Ranked labels kept per object.")
+@click.option("--storage-attempts", type=int, default=STORAGE_ATTEMPTS, show_default=True,
+              help="Tries per storage request (reads, listings, writes) on throttling, 5xx, resets and timeouts, "
+                   "with exponential backoff and jitter; e.g. 20 for a flaky store.")
 def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabulary: str | None, preset: str,
           weights: tuple[tuple[str, str], ...], coco: bool, address: str | None, gpus_per_worker: float,
           workers: int | None, batch_size: int, part_size: int,
           flush_interval: float, limit: int | None, endpoint_url: str | None,
-          points_per_side: int, top_k: int) -> None:
+          points_per_side: int, top_k: int, storage_attempts: int) -> None:
     """Segment and name the objects of every image in INPUT; write Parquet tables (and COCO JSON) to OUTPUT.
 
     INPUT is a local folder, a file:// or s3:// (any fsspec) prefix with an optional glob, or a manifest
-    file listing one image URI per line. Every input ends up labelled or as an error row with a reason.
+    file listing one image URI per line. Every input ends up labelled or as an error row with a reason; an
+    image whose read kept failing transiently is left for the next run (exit code 75, EX_TEMPFAIL).
 
     \b
     Examples:
@@ -89,7 +96,7 @@ def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabula
             weights=weights, coco=coco, address=address, gpus_per_worker=gpus_per_worker, workers=workers,
             batch_size=batch_size, part_size=part_size, flush_interval=flush_interval,
             limit=limit, endpoint_url=endpoint_url, points_per_side=points_per_side,
-            top_k=top_k)
+            top_k=top_k, storage_attempts=storage_attempts)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
 
@@ -104,6 +111,8 @@ def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabula
             raise
         raise click.ClickException(message) from None
     _print_summary(summary)
+    if summary.run_deferred:
+        raise SystemExit(os.EX_TEMPFAIL)  # "try again later": the same command labels the images left over
 
 
 def _user_error(err: BaseException) -> str | None:
@@ -126,6 +135,12 @@ def _print_summary(summary) -> None:
         f"{summary.run_ok} ok, {sum(summary.run_errors.values())} errors ({errors}), "
         f"{summary.run_annotations} annotations.",
     ]
+    if summary.run_deferred:
+        lines.append(f"{summary.run_deferred} images not labelled this run, will be retried: transient storage "
+                     "faults outlasted the retries; run the same command again to label them.")
+    if summary.stale_lease:
+        lines.append(f"Took over the output from a run that stopped without releasing it (host "
+                     f"{summary.stale_lease.get('host', '?')}, pid {summary.stale_lease.get('pid', '?')}).")
     if summary.skipped_done:
         lines.append(f"Skipped {summary.skipped_done} images already in the output (resumed).")
     if summary.parts_rolled_forward or summary.parts_rolled_back:

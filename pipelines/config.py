@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from ovsam.redaction import redact_uri
+from pipelines.storage import STORAGE_ATTEMPTS
 
 Mode = Literal["auto", "box"]
 MODES: tuple[Mode, ...] = ("auto", "box")
@@ -29,6 +30,8 @@ class LabelConfig:
     (less than a batch more), or `pipelines.output.PART_MAX_BYTES`. ``flush_interval``: seconds after which a writer publishes
     what it holds, whatever its size (what a kill can lose per writer). ``limit``: label only the first N inputs
     (sorted), for trying a command. ``endpoint_url``: S3-compatible endpoint (else ``AWS_ENDPOINT_URL`` or AWS).
+    ``storage_attempts``: tries per storage request (read, listing, write) before a transient fault counts as
+    outlasting the retries (`pipelines.storage.storage_options`).
     """
 
     input: str
@@ -49,6 +52,7 @@ class LabelConfig:
     endpoint_url: str | None = None
     points_per_side: int = 32
     top_k: int = 5
+    storage_attempts: int = STORAGE_ATTEMPTS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,7 +71,7 @@ class LabelConfig:
         for name, value, low in (("--workers", self.workers, 1), ("--batch-size", self.batch_size, 1),
                                  ("--part-size", self.part_size, 1),
                                  ("--limit", self.limit, 1), ("--points-per-side", self.points_per_side, 1),
-                                 ("--top-k", self.top_k, 1)):
+                                 ("--top-k", self.top_k, 1), ("--storage-attempts", self.storage_attempts, 1)):
             if value is not None and value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         if self.input.rstrip("/") == self.output.rstrip("/"):

@@ -11,7 +11,11 @@ import numpy as np
 
 from ovsam.images import UNREADABLE, DecodeError, decode_image
 from ovsam.redaction import redact_text, redact_uri
-from pipelines.storage import open_fs
+from pipelines.storage import STORAGE_ATTEMPTS, is_transient, open_fs
+
+# Not an error row: a transient storage fault (throttling, 5xx, reset, timeout) outlasted the retries. The
+# writer stage drops such rows and counts them, so the image has no row and the next run labels it.
+DEFERRED = "deferred"
 
 
 class ReadAndDecode:
@@ -23,8 +27,9 @@ class ReadAndDecode:
     empty for errors), ``error_kind``/``error`` (empty strings when decoded).
     """
 
-    def __init__(self, endpoint_url: str | None):
+    def __init__(self, endpoint_url: str | None, storage_attempts: int = STORAGE_ATTEMPTS):
         self.endpoint_url = endpoint_url
+        self.storage_attempts = storage_attempts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         widths, heights, pixels, kinds, errors = [], [], [], [], []
@@ -49,9 +54,10 @@ class ReadAndDecode:
 
     def _read(self, uri: str) -> bytes:
         try:
-            fs, path = open_fs(uri, self.endpoint_url)
+            fs, path = open_fs(uri, self.endpoint_url, self.storage_attempts)
             with fs.open(path, "rb") as source:
                 return source.read()
-        except Exception as err:  # noqa: BLE001 - every fetch failure (missing, denied, network) is one error row
-            raise DecodeError(UNREADABLE, f"could not read {redact_uri(uri)}: "
-                                          f"{type(err).__name__}: {redact_text(str(err))}") from None
+        except Exception as err:  # noqa: BLE001 - a permanent failure (missing, denied) is the image's error row
+            kind = DEFERRED if is_transient(err) else UNREADABLE
+            raise DecodeError(kind, f"could not read {redact_uri(uri)}: "
+                                    f"{type(err).__name__}: {redact_text(str(err))}") from None

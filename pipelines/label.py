@@ -7,6 +7,7 @@ images row are skipped, and an interrupted write is rolled back before the run s
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -20,11 +21,12 @@ import tqdm
 
 from pipelines.config import LabelConfig
 from pipelines.decode import ReadAndDecode
-from pipelines.output import PART_MAX_BYTES, OutputError, OutputStore, PartLimits, PartWriter, SendToWriter
-from pipelines.predict import LabelImages
+from pipelines.output import (PART_MAX_BYTES, Lease, OutputError, OutputStore, PartLimits, PartWriter, SendToWriter,
+                              WriteFailed)
+from pipelines.predict import CrashLedger, LabelImages, model_task_retries
 from pipelines.prompts import load_box_prompts
-from ovsam.redaction import redact_text, redact_uri
-from pipelines.storage import InputListing, list_inputs
+from ovsam.redaction import redact_uri
+from pipelines.storage import RETRY_HINT, InputListing, error_reason, is_transient, list_inputs
 from schemas.tables import ANNOTATIONS_DIR, COCO_FILE, IMAGES_DIR, RUN_FILE, SCHEMA_VERSION
 
 # Settings that change what a label means: a re-run into an output written with other values would mix
@@ -54,10 +56,12 @@ class LabelSummary:
     unmatched_prompt_images: int
     parts_rolled_forward: int  # committed parts an interrupted run had not finished publishing
     parts_rolled_back: int  # uncommitted parts an interrupted run left, removed
+    stale_lease: dict | None  # the lease of a run that died holding the output, taken over (see `Lease`)
     run_images: int
     run_ok: int
     run_errors: collections.Counter
     run_annotations: int
+    run_deferred: int  # images left without a row: a transient storage fault outlasted the retries
     seconds: float
     total_images: collections.Counter
     total_annotations: int
@@ -86,25 +90,46 @@ class _ModelInfo:
 def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
     """Label ``config.input`` into ``config.output``; joins or starts Ray as ``config.address`` says.
 
-    Raises `LabelError` (bad model, vocabulary, prompts, output) with a message for the user.
+    Raises `LabelError` with a message for the user: bad model, vocabulary, prompts or output, another run
+    holding the output, or a storage fault that outlasted the retries (run.json then says ``failed``).
     """
     started = time.monotonic()
     started_at = _now()
     model, vocabulary = _resolve_model(config)
     boxes_by_name = _load_prompts(config)
     try:
-        store = OutputStore(config.output, config.endpoint_url)
+        store = OutputStore(config.output, config.endpoint_url, config.storage_attempts)
+        lease = Lease(store)
+        stale_lease = lease.acquire()  # the first write: a missing bucket or a read-only output ends the run here
+    except OutputError as err:
+        raise LabelError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - unreachable store, no credentials, denied: one sentence
+        raise LabelError(_output_problem(config, err)) from None
+    try:
+        return _run_holding_lease(config, show_progress, store, model, vocabulary, boxes_by_name, started,
+                                  started_at, stale_lease)
+    finally:
+        try:
+            lease.release()
+        except Exception:  # noqa: BLE001 - an unreleased lease expires by itself (or is seen as a dead run's)
+            pass
+
+
+def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputStore, model: _ModelInfo, vocabulary,
+                       boxes_by_name, started: float, started_at: str, stale_lease: dict | None) -> LabelSummary:
+    try:
         _check_same_settings(store, config)
         recovery = store.recover()
         done = store.done_uris()
     except OutputError as err:
         raise LabelError(str(err)) from None
-    except Exception as err:  # noqa: BLE001 - unreachable store, no credentials, denied: one sentence
-        raise LabelError(f"cannot use the output {redact_uri(config.output)}: {_reason(err)}") from None
+    except Exception as err:  # noqa: BLE001 - as above
+        raise LabelError(_output_problem(config, err)) from None
     try:
-        listing = list_inputs(config.input, config.endpoint_url)
+        listing = list_inputs(config.input, config.endpoint_url, config.storage_attempts)
     except Exception as err:  # noqa: BLE001 - as above, for the input
-        raise LabelError(f"cannot list the input {redact_uri(config.input)}: {_reason(err)}") from None
+        raise LabelError(f"cannot list the input {redact_uri(config.input)}: {error_reason(err)}"
+                         + (RETRY_HINT if is_transient(err) else "")) from None
     if not listing.uris:
         raise LabelError(f"no images found in {redact_uri(config.input)}")
 
@@ -120,46 +145,131 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
     record = {"status": "running", "started_at": started_at, "schema_version": SCHEMA_VERSION,
               "config": config.public_dict(), "model": dataclasses.asdict(model),
               "vocabulary": {"name": vocabulary.name, "names": list(vocabulary.names)}}
-    store.write_run_record(record)
-
-    run_ok, run_annotations, run_errors = 0, 0, collections.Counter()
-    if items:
-        with _ray_session(config):
-            plan = _plan(config)
-            writers = _start_writers(config, plan, metadata)
-            dataset = _build_dataset(config, plan, vocabulary, items, writers)
-            try:
-                with _progress(len(items), show_progress) as bar:
-                    for summary in dataset.iter_rows():
-                        run_ok += int(summary["ok"])
-                        run_annotations += int(summary["annotations"])
-                        run_errors.update(json.loads(summary["error_kinds"]))
-                        bar.update(int(summary["images"]))
-                        bar.set_postfix(errors=sum(run_errors.values()), annotations=run_annotations,
-                                        refresh=False)
-            finally:
-                # Ray Data has no end-of-stream call per actor: the rows still buffered in the writers are
-                # published here, also when the run stops on an error (what was labelled stays labelled).
-                ray.get([writer.flush.remote() for writer in writers])
-
-    total_images, total_annotations = store.status_counts()
-    outputs = {"images": store.url(IMAGES_DIR), "annotations": store.url(ANNOTATIONS_DIR),
-               "run": store.url(RUN_FILE)}
-    if config.coco:
-        info = {"description": f"ovsam-batch labels, model {model.name}"
-                               + ("" if model.trained else " (UNTRAINED: random weights, labels carry no meaning)"),
-                "date_created": _now(), "schema_version": SCHEMA_VERSION}
-        store.write_coco(list(vocabulary.names), info)
-        outputs["coco"] = store.url(COCO_FILE)
+    try:
+        store.write_run_record(record)
+        counts = _label_items(config, show_progress, vocabulary, items, metadata) if items else _RunCounts()
+        total_images, total_annotations = store.status_counts()
+        outputs = {"images": store.url(IMAGES_DIR), "annotations": store.url(ANNOTATIONS_DIR),
+                   "run": store.url(RUN_FILE)}
+        if config.coco:
+            info = {"description": f"ovsam-batch labels, model {model.name}"
+                                   + ("" if model.trained else " (UNTRAINED: random weights, labels carry no meaning)"),
+                    "date_created": _now(), "schema_version": SCHEMA_VERSION}
+            store.write_coco(list(vocabulary.names), info)
+            outputs["coco"] = store.url(COCO_FILE)
+    except Exception as err:  # noqa: BLE001 - a storage fault that outlasted the retries, here or in a worker
+        message = _failure_message(config, err)
+        if message is None:
+            raise
+        _record_failure(store, record, message)
+        raise LabelError(message) from None
     summary = LabelSummary(
         listed=len(selected), skipped_done=len(selected) - len(items), ignored_files=listing.ignored,
         unmatched_prompt_images=unmatched, parts_rolled_forward=recovery.rolled_forward,
-        parts_rolled_back=recovery.rolled_back, run_images=run_ok + sum(run_errors.values()),
-        run_ok=run_ok, run_errors=run_errors, run_annotations=run_annotations,
+        parts_rolled_back=recovery.rolled_back, stale_lease=stale_lease, run_images=counts.ok + sum(counts.errors.values()),
+        run_ok=counts.ok, run_errors=counts.errors, run_annotations=counts.annotations, run_deferred=counts.deferred,
         seconds=time.monotonic() - started, total_images=total_images, total_annotations=total_annotations,
         model_name=model.name, model_trained=model.trained, outputs={k: redact_uri(v) for k, v in outputs.items()})
-    store.write_run_record({**record, "status": "complete", "finished_at": _now(), "summary": summary.as_dict()})
+    status = "incomplete" if counts.deferred else "complete"
+    try:
+        store.write_run_record({**record, "status": status, "finished_at": _now(), "summary": summary.as_dict()})
+    except Exception as err:  # noqa: BLE001 - the labels are committed; only the record could not be written
+        raise LabelError(_failure_message(config, err) or f"could not write {store.url(RUN_FILE)}: "
+                                                          f"{error_reason(err)}") from None
     return summary
+
+
+@dataclasses.dataclass
+class _RunCounts:
+    ok: int = 0
+    annotations: int = 0
+    deferred: int = 0
+    errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+def _label_items(config: LabelConfig, show_progress: bool, vocabulary, items: list[dict], metadata: dict) -> _RunCounts:
+    """Stream ``items`` through Ray Data into committed parts; the counts of what was written."""
+    counts = _RunCounts()
+    with _ray_session(config):
+        plan = _plan(config)
+        writers = _start_writers(config, plan, metadata)
+        crashes = ray.remote(num_cpus=0)(CrashLedger).remote()
+        dataset = _build_dataset(config, plan, vocabulary, items, writers, crashes)
+        try:
+            with _progress(len(items), show_progress) as bar, contextlib.closing(iter(dataset.iter_rows())) as rows:
+                for summary in rows:
+                    if summary["write_error"]:
+                        raise WriteFailed(summary["write_error"])
+                    counts.ok += int(summary["ok"])
+                    counts.annotations += int(summary["annotations"])
+                    counts.deferred += int(summary["deferred"])
+                    counts.errors.update(json.loads(summary["error_kinds"]))
+                    bar.update(int(summary["images"]) + int(summary["deferred"]))
+                    bar.set_postfix(errors=sum(counts.errors.values()), annotations=counts.annotations,
+                                    refresh=False)
+        finally:
+            # Ray Data has no end-of-stream call per actor: the rows still buffered in the writers are
+            # published here, also when the run stops on an error (what was labelled stays labelled).
+            failures = _flush_writers(writers)
+        if failures:
+            raise failures[0]
+    return counts
+
+
+def _flush_writers(writers: list) -> list[BaseException]:
+    """Ask every writer to publish what it holds; the errors of those that failed (each writer is asked)."""
+    failures = []
+    for ref in [writer.flush.remote() for writer in writers]:
+        try:
+            ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - reported by the caller once all writers were asked
+            failures.append(err)
+    return failures
+
+
+def _output_problem(config: LabelConfig, err: BaseException) -> str:
+    """One sentence for an output that cannot be used before any work starts."""
+    import botocore.exceptions
+
+    cause = _in_chain(err, botocore.exceptions.ClientError)
+    if cause is not None and cause.response.get("Error", {}).get("Code") == "NoSuchBucket":
+        return (f"cannot use the output {redact_uri(config.output)}: its bucket does not exist (ovsam-batch never "
+                "creates buckets: create it, or check the name and --endpoint-url)")
+    return (f"cannot use the output {redact_uri(config.output)}: {error_reason(err)}"
+            + (RETRY_HINT if is_transient(err) else ""))
+
+
+def _failure_message(config: LabelConfig, err: BaseException) -> str | None:
+    """The sentence for a run stopped by a storage failure (also one raised inside a Ray worker and wrapped by
+    Ray); None for anything else (a bug: its traceback is the useful report)."""
+    failed = _in_chain(err, WriteFailed)
+    if failed is not None:
+        reason = str(getattr(failed, "cause", None) or failed)  # a Ray task error keeps the writer's in `cause`
+    elif isinstance(err, OSError) or is_transient(err):
+        reason = (f"storage failed for the output {redact_uri(config.output)}: {error_reason(err)}"
+                  + (RETRY_HINT if is_transient(err) else ""))
+    else:
+        return None
+    return f"{reason}; the run stopped, what was committed stays, and the same command resumes from it"
+
+
+def _record_failure(store: OutputStore, record: dict, message: str) -> None:
+    """run.json says ``failed`` with the reason (best effort: the storage that failed may refuse this too)."""
+    try:
+        store.write_run_record({**record, "status": "failed", "finished_at": _now(), "error": message})
+    except Exception:  # noqa: BLE001 - the run's own message already tells the user what failed
+        pass
+
+
+def _in_chain(err: BaseException | None, kind: type) -> BaseException | None:
+    """The first exception of type ``kind`` in ``err``'s cause chain (Ray keeps a worker's error in ``cause``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
 
 
 def _work_items(listing: InputListing, selected: range, done: set[str],
@@ -273,23 +383,29 @@ def _start_writers(config: LabelConfig, plan: WorkerPlan, metadata: dict) -> lis
     and compression, not model work: zero-CPU actors never compete with decoding or the model."""
     limits = PartLimits(images=config.part_size, bytes=PART_MAX_BYTES, seconds=config.flush_interval)
     writer = ray.remote(num_cpus=0, max_restarts=0)(PartWriter)
-    return [writer.remote(config.output, config.endpoint_url, metadata, limits)
+    return [writer.remote(config.output, config.endpoint_url, config.storage_attempts, metadata, limits)
             for _ in range(math.ceil(plan.workers / _MODEL_ACTORS_PER_WRITER))]
 
 
 def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, items: list[dict],
-                   writers: list) -> ray.data.Dataset:
+                   writers: list, crashes) -> ray.data.Dataset:
     dataset = ray.data.from_items(
         items, override_num_blocks=max(1, math.ceil(len(items) / (config.batch_size * _BATCHES_PER_BLOCK))))
     dataset = dataset.map_batches(
-        ReadAndDecode, fn_constructor_kwargs={"endpoint_url": config.endpoint_url}, batch_size=config.batch_size,
+        ReadAndDecode, fn_constructor_kwargs={"endpoint_url": config.endpoint_url,
+                                              "storage_attempts": config.storage_attempts},
+        batch_size=config.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.decode_actors),
         num_cpus=1)
     dataset = dataset.map_batches(
         LabelImages, batch_size=config.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"config": config, "vocabulary": vocabulary, "cpu_threads": plan.cpus_per_worker},
+        fn_constructor_kwargs={"config": config, "vocabulary": vocabulary, "cpu_threads": plan.cpus_per_worker,
+                               "crashes": crashes},
         compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
-        num_gpus=plan.gpus_per_worker)
+        num_gpus=plan.gpus_per_worker,
+        # A worker that dies is restarted (max_restarts=-1, Ray Data's default made explicit) and its batch given
+        # again a bounded number of times (Ray Data's default would retry it forever).
+        max_restarts=-1, max_task_retries=model_task_retries(config.batch_size))
     return dataset.map_batches(
         SendToWriter, batch_size=config.batch_size, batch_format="numpy", fn_constructor_kwargs={"writers": writers},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.workers), num_cpus=0)
@@ -299,10 +415,6 @@ def _progress(total: int, show: bool) -> tqdm.tqdm:
     interactive = sys.stderr.isatty()
     return tqdm.tqdm(total=total, unit="img", desc="labelling", disable=not show, file=sys.stderr,
                      mininterval=0.5 if interactive else _LOG_PROGRESS_INTERVAL_S, dynamic_ncols=interactive)
-
-
-def _reason(err: BaseException) -> str:
-    return redact_text(f"{type(err).__name__}: {err}".strip().splitlines()[0])
 
 
 def _now() -> str:

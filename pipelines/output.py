@@ -5,7 +5,8 @@ Layout under OUTPUT (readers: `schemas.committed`)::
     images/part-<id>.parquet        one row per input image (IMAGES_SCHEMA), committed parts only
     annotations/part-<id>.parquet   the annotations of exactly the images in images/part-<id>.parquet
     _staging/<id>/                  a part being written or published (hidden: `_` prefix, outside the tables)
-    run.json                        the last run: config (no secrets), model, vocabulary, counts, time
+    run.json                        the last run: config (no secrets), model, vocabulary, counts, time, status
+    _lease.json                     the running run's lease (one writing run per output, see `Lease`)
     coco.json                       COCO export of all parts (with --coco)
 
 Commit protocol of one part (each file write is atomic: temp + rename locally, one PUT on object stores):
@@ -20,7 +21,8 @@ Nothing under the table folders is ever uncommitted, so plain readers (pyarrow, 
 committed rows. A kill before step 2 leaves a staging folder without an images file: the next run rolls it
 back (removes it; its images have no images row, so they are labelled again). A kill after step 2 leaves a
 committed part not yet (fully) published: the next run rolls it forward (finishes steps 3–5). Every image
-therefore ends up exactly once, and no annotation twice. Recovery assumes one writing run per output.
+therefore ends up exactly once, and no annotation twice. Recovery assumes one writing run per output, which
+the lease enforces.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ import dataclasses
 import datetime
 import io
 import json
+import logging
+import os
 import posixpath
 import random
+import socket
+import threading
 import time
 import uuid
 
@@ -40,9 +46,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.decode import DEFERRED
 from pipelines.predict import deserialize
 from ovsam.redaction import redact_uri
-from pipelines.storage import is_local, join, open_for_publish, open_fs, publish_bytes
+from pipelines.storage import (RETRY_HINT, STORAGE_ATTEMPTS, create_exclusive, error_reason, is_local, is_transient,
+                               join, open_for_publish, open_fs, publish_bytes)
 from schemas.coco import CocoCounts, write_coco
 from schemas.committed import CommittedTables, part_file
 from schemas.tables import (ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, COCO_FILE, IMAGES_DIR, IMAGES_SCHEMA, RUN_FILE,
@@ -56,8 +64,20 @@ PART_MAX_BYTES = 256 * 2**20
 _STAGED = {ANNOTATIONS_DIR: "annotations.parquet", IMAGES_DIR: "images.parquet"}
 
 
+# The lease file under the output, and how long a lease holds without renewal: a run that died without
+# releasing it (on another machine; on the same one a dead process is seen at once) blocks the output this long.
+# The running run renews it every quarter of that, so a few slow or failed renewals in a row never lose it.
+LEASE_FILE = "_lease.json"
+LEASE_SECONDS = 120.0
+_RENEW_EVERY_S = LEASE_SECONDS / 4
+
+
 class OutputError(ValueError):
     """The output prefix holds something this run must not write into; the message says what."""
+
+
+class WriteFailed(OSError):
+    """Writing to the output failed after the storage retries; the message names the output and the cause."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +91,10 @@ class Recovery:
 class OutputStore:
     """Reads and writes the label tables under one output prefix (local path or fsspec URL)."""
 
-    def __init__(self, output: str, endpoint_url: str | None = None):
+    def __init__(self, output: str, endpoint_url: str | None = None, storage_attempts: int = STORAGE_ATTEMPTS):
         self.output = output
         self.endpoint_url = endpoint_url
-        self.fs, self.root = open_fs(output, endpoint_url)
+        self.fs, self.root = open_fs(output, endpoint_url, storage_attempts)
         self.tables = CommittedTables(self.fs, self.root, redact_uri(output))
 
     def path(self, *names: str) -> str:
@@ -115,7 +135,8 @@ class OutputStore:
             staged = self._staged(part_id, table)
             if self.fs.exists(staged):
                 target = self.path(part_file(table, part_id))
-                self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                if is_local(self.fs):  # object stores have no folders (s3fs would create a missing bucket)
+                    self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
                 self.fs.mv(staged, target)  # a rename locally; copy + delete on object stores
         self._remove_staging(part_id)
 
@@ -186,6 +207,100 @@ class OutputStore:
             raise OutputError(f"{err}; write to a new --output") from None
 
 
+class Lease:
+    """One writing run per output: ``_lease.json`` names the run that holds the output until ``expires_at``.
+
+    `acquire` creates the file with an exclusive create (`create_exclusive`), so of two runs starting together
+    exactly one wins and the other gets `OutputError`. A lease past its expiry, or held by a process of this
+    machine that no longer exists (a killed run), is stale: it is removed and taken over. While held, a daemon
+    thread renews it every `_RENEW_EVERY_S`; `release` stops the renewal and removes the file.
+    """
+
+    def __init__(self, store: OutputStore):
+        self.store = store
+        self.path = store.path(LEASE_FILE)
+        self.holder = {"run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started_at": _utc(time.time())}
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def acquire(self) -> dict | None:
+        """Take the output for this run; return the stale lease taken over (None if there was none).
+
+        Raises `OutputError` if another run holds it; storage errors (missing bucket, read-only) propagate.
+        """
+        stale = None
+        try:
+            create_exclusive(self.store.fs, self.path, self._body())
+        except FileExistsError:
+            stale = self.read()
+            if stale is not None and not _is_stale(stale):
+                raise self._held_by(stale) from None
+            self.store.fs.rm(self.path)
+            try:
+                create_exclusive(self.store.fs, self.path, self._body())
+            except FileExistsError:  # another run took the stale lease over first
+                raise self._held_by(self.read() or {}) from None
+        self._renewer = threading.Thread(target=self._renew, name="ovsam-lease", daemon=True)
+        self._renewer.start()
+        return stale
+
+    def read(self) -> dict | None:
+        """The lease in the output, None if there is none; an unreadable one counts as expired."""
+        try:
+            lease = json.loads(self.store.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"expires_at": 0.0}
+        return lease if isinstance(lease, dict) else {"expires_at": 0.0}
+
+    def release(self) -> None:
+        """Stop renewing and remove the lease if it is still this run's."""
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        current = self.read()
+        if current is not None and current.get("run_id") == self.holder["run_id"]:
+            self.store.fs.rm(self.path)
+
+    def _body(self) -> bytes:
+        expires = time.time() + LEASE_SECONDS
+        return json.dumps({**self.holder, "expires_at": expires, "expires": _utc(expires)}, indent=2).encode()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(_RENEW_EVERY_S):
+            try:
+                publish_bytes(self.store.fs, self.path, self._body())
+            except Exception as err:  # noqa: BLE001 - the next renewal tries again; the lease outlasts several
+                logging.getLogger(__name__).warning("could not renew the lease %s: %s",
+                                                    redact_uri(self.store.url(LEASE_FILE)), error_reason(err))
+
+    def _held_by(self, lease: dict) -> OutputError:
+        return OutputError(
+            f"another label run (host {lease.get('host', '?')}, pid {lease.get('pid', '?')}, started "
+            f"{lease.get('started_at', '?')}) is writing into {redact_uri(self.store.output)}: its lease "
+            f"{LEASE_FILE} holds the output until {lease.get('expires', '?')}; wait for that run to finish (or, if "
+            "it crashed on another machine, for the lease to expire)")
+
+
+def _is_stale(lease: dict) -> bool:
+    if float(lease.get("expires_at", 0.0)) < time.time():
+        return True
+    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+        try:
+            os.kill(lease["pid"], 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # exists, owned by another user
+    return False
+
+
+def _utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def _with_metadata(table: pa.Table, metadata: dict) -> pa.Table:
     return table.replace_schema_metadata({**table.schema.metadata, RUN_METADATA_KEY: json.dumps(metadata).encode()})
 
@@ -215,8 +330,9 @@ class PartWriter:
     a writer killed with rows in its buffer loses them, and the next run labels those images again.
     """
 
-    def __init__(self, output: str, endpoint_url: str | None, metadata: dict, limits: PartLimits):
-        self.store = OutputStore(output, endpoint_url)
+    def __init__(self, output: str, endpoint_url: str | None, storage_attempts: int, metadata: dict,
+                 limits: PartLimits):
+        self.store = OutputStore(output, endpoint_url, storage_attempts)
         self.metadata = metadata
         self.limits = limits
         self._images: list[pa.Table] = []
@@ -237,12 +353,20 @@ class PartWriter:
             self.flush()
 
     def flush(self) -> int:
-        """Publish the buffered rows as one part (nothing when empty); return the number of images published."""
+        """Publish the buffered rows as one part (nothing when empty); return the number of images published.
+
+        Raises `WriteFailed` when the storage fails after its retries: the run stops, the part stays uncommitted,
+        and the next run rolls it back and labels its images again.
+        """
         if not self._rows:
             return 0
         images = pa.concat_tables(self._images)
         annotations = pa.concat_tables(self._annotations)
-        self.store.write_part(images, annotations, self.metadata)
+        try:
+            self.store.write_part(images, annotations, self.metadata)
+        except Exception as err:  # noqa: BLE001 - any storage failure stops the run with this one sentence
+            raise WriteFailed(f"could not write to the output {redact_uri(self.store.output)}: "
+                              f"{error_reason(err)}" + (RETRY_HINT if is_transient(err) else "")) from None
         self._images, self._annotations, self._rows, self._bytes = [], [], 0, 0
         return images.num_rows
 
@@ -251,8 +375,11 @@ class SendToWriter:
     """Ray Data stage: a batch of `LabelImages` result rows → Arrow tables handed to a `PartWriter` → one summary row.
 
     Batches go to the writers in turn; each call waits until its writer has buffered the rows, so a slow
-    writer slows the stream instead of piling up rows. Summary columns: ``images``, ``ok``, ``annotations``
-    (counts) and ``error_kinds`` (JSON object kind → count).
+    writer slows the stream instead of piling up rows. Rows of kind `DEFERRED` (a transient read fault outlasted
+    the retries) are not written: those images stay without a row for the next run. Summary columns: ``images``
+    (rows written), ``ok``, ``annotations``, ``deferred`` (counts), ``error_kinds`` (JSON object kind → count) and
+    ``write_error`` (the writer's `WriteFailed` message when it could not write the rows, else empty: the driver
+    then stops the run).
     """
 
     def __init__(self, writers: list):
@@ -262,6 +389,9 @@ class SendToWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
+        deferred = batch["error_kind"] == DEFERRED
+        if deferred.any():
+            batch = {name: column[~deferred] for name, column in batch.items()}
         ok = batch["status"] == STATUS_OK
         undecoded = batch["width"] < 0  # decode errors have no size; prompt or model errors do
         images = pa.table({
@@ -277,7 +407,14 @@ class SendToWriter:
         annotations = pa.concat_tables(parts) if parts else ANNOTATIONS_SCHEMA.empty_table()
         writer = self.writers[self._next]
         self._next = (self._next + 1) % len(self.writers)
-        ray.get(writer.add.remote(validate(images, IMAGES_SCHEMA), annotations))
+        try:
+            ray.get(writer.add.remote(validate(images, IMAGES_SCHEMA), annotations))
+        except WriteFailed as err:
+            # Handed to the driver as data: Ray Data would log the worker's traceback and drop the cause.
+            return {"images": np.array([0]), "ok": np.array([0]), "annotations": np.array([0]),
+                    "deferred": np.array([0]), "error_kinds": np.array(["{}"]),
+                    "write_error": np.array([str(getattr(err, "cause", None) or err)])}
         kinds = collections.Counter(kind for kind, good in zip(batch["error_kind"], ok) if not good)
         return {"images": np.array([len(ok)]), "ok": np.array([int(ok.sum())]),
-                "annotations": np.array([annotations.num_rows]), "error_kinds": np.array([json.dumps(kinds)])}
+                "annotations": np.array([annotations.num_rows]), "deferred": np.array([int(deferred.sum())]),
+                "error_kinds": np.array([json.dumps(kinds)]), "write_error": np.array([""])}

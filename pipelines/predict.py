@@ -31,6 +31,39 @@ MODEL_ERROR = "model_error"  # the model failed on this image for another reason
 MAX_PIXELS_PER_MODEL_CALL = 16_000_000
 
 
+# A model worker that dies (SIGKILL, out of memory) is restarted by Ray and its batch given to it again. Given
+# again, the batch's images go to the model one at a time, and an image during which the worker died this many
+# times alone becomes a `MODEL_ERROR` row: one death can be a neighbour's memory spike, two alone are the image.
+MAX_WORKER_DEATHS = 2
+
+
+def model_task_retries(batch_size: int) -> int:
+    """How often Ray gives a batch again to a restarted model worker: once to find out that the batch is suspect,
+    then `MAX_WORKER_DEATHS` per image at most (finite: a batch never loops forever)."""
+    return 1 + batch_size * MAX_WORKER_DEATHS
+
+
+class WorkerDied(Exception):
+    """The model worker's process died each time it was given this image."""
+
+
+class CrashLedger:
+    """Ray actor shared by the model workers: counts the model calls begun and not finished, per batch and per
+    image. A call still counted when it begins again was cut off by the death of its worker."""
+
+    def __init__(self):
+        self._begun: dict[str, int] = {}
+
+    def begin(self, key: str) -> int:
+        """Note that the call ``key`` begins; return how often it began before without finishing."""
+        previous = self._begun.get(key, 0)
+        self._begun[key] = previous + 1
+        return previous
+
+    def end(self, key: str) -> None:
+        self._begun.pop(key, None)
+
+
 class PromptCheckError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -73,15 +106,17 @@ class LabelImages:
 
     Output columns: image_uri, width, height, status, error_kind, error, num_annotations and
     ``annotations`` (Arrow IPC bytes of the image's `ANNOTATIONS_SCHEMA` rows; empty for error rows).
+    ``crashes``: the run's `CrashLedger` actor (see `MAX_WORKER_DEATHS`).
     """
 
-    def __init__(self, config: LabelConfig, vocabulary, cpu_threads: int):
+    def __init__(self, config: LabelConfig, vocabulary, cpu_threads: int, crashes):
         import torch
 
         import ovsam
 
         torch.set_num_threads(cpu_threads)  # the CPU slots Ray reserved for this actor (see `plan_workers`)
         self.config = config
+        self.crashes = crashes
         self.model = ovsam.load_model(config.preset, weights=dict(config.weights) or None)
         self.label_names = vocabulary.names
         self.predictor = ovsam.Predictor(self.model, vocabulary, top_k=config.top_k)
@@ -111,7 +146,13 @@ class LabelImages:
                 continue
             todo[row] = (rgb, boxes)
 
-        for row, outcome in zip(todo, self._predict(list(todo.values()))):
+        import ray
+
+        batch_key = "batch:" + "\n".join(batch["image_uri"][row] for row in todo)
+        suspect = bool(todo) and ray.get(self.crashes.begin.remote(batch_key)) > 0
+        outcomes = (self._predict_one_by_one([batch["image_uri"][row] for row in todo], list(todo.values()))
+                    if suspect else self._predict(list(todo.values())))
+        for row, outcome in zip(todo, outcomes):
             uri = batch["image_uri"][row]
             try:
                 if isinstance(outcome, Exception):
@@ -124,6 +165,8 @@ class LabelImages:
             except Exception as err:  # noqa: BLE001 - one image's failure is its error row, never the run's
                 status[row], kinds[row] = STATUS_ERROR, _error_kind(err)
                 errors[row] = redact_text(f"{type(err).__name__}: {err}")
+        if todo:
+            ray.get(self.crashes.end.remote(batch_key))
         return {
             "image_uri": batch["image_uri"], "width": batch["width"], "height": batch["height"],
             "status": np.array(status, dtype=object), "error_kind": np.array(kinds, dtype=object),
@@ -150,6 +193,22 @@ class LabelImages:
                 predictions = [self._predict_alone(rgb, boxes) for rgb, boxes in group]
             yield from predictions
             del predictions  # this group's masks are encoded: free them before the next group runs
+
+    def _predict_one_by_one(self, uris: list[str], work: list[tuple[np.ndarray, np.ndarray | None]]) -> Iterator:
+        """Predictions for a batch during which a worker died: each image alone, noted in the crash ledger, so that
+        an image that kills the worker is found and, after `MAX_WORKER_DEATHS`, yields `WorkerDied` instead."""
+        import ray
+
+        for uri, (rgb, boxes) in zip(uris, work):
+            key = "image:" + uri
+            deaths = ray.get(self.crashes.begin.remote(key))
+            if deaths >= MAX_WORKER_DEATHS:
+                outcome = WorkerDied(f"the model worker process died each time it labelled this image alone "
+                                     f"({deaths} times: killed, e.g. out of memory, or crashed)")
+            else:
+                outcome = self._predict_alone(rgb, boxes)
+            ray.get(self.crashes.end.remote(key))
+            yield outcome
 
     def _predict_alone(self, rgb: np.ndarray, boxes: np.ndarray | None):
         try:

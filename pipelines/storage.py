@@ -3,12 +3,21 @@
 Local paths, ``file://``, ``s3://`` and any other fsspec protocol work alike. S3 uses the standard AWS
 credential chain (environment, config files, instance roles), and the endpoint is, in order: the
 ``--endpoint-url`` option, the ``AWS_ENDPOINT_URL`` environment variable (s3fs reads it), AWS.
+
+Transient faults (5xx, SlowDown and other throttling, resets, timeouts) are retried by the storage libraries
+themselves: botocore's "adaptive" retry mode (exponential backoff with full jitter, plus a client-side rate
+limiter that slows down on throttling answers) for each S3 request, and s3fs's own retries for a response cut
+off mid-body. `is_transient` tells a fault that outlasted those retries from a permanent answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import errno
+import http.client
+import os
 import posixpath
 import re
 import urllib.parse
@@ -19,21 +28,87 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ovsam.images import IMAGE_SUFFIXES
-from ovsam.redaction import redact_uri
+from ovsam.redaction import redact_text, redact_uri
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-def storage_options(url: str, endpoint_url: str | None) -> dict:
-    """fsspec keyword arguments for ``url``: the S3 endpoint override for ``s3://`` / ``s3a://`` URLs."""
-    if endpoint_url and urllib.parse.urlsplit(url).scheme in ("s3", "s3a"):
-        return {"endpoint_url": endpoint_url}
-    return {}
+# Attempts per storage request (the first try included) unless --storage-attempts says otherwise. botocore's
+# backoff doubles from up to 1 s and is capped at 20 s, so ten attempts ride out about a minute of outage or
+# throttling per request before the fault counts as outlasting the budget (and the image is left for the next run).
+STORAGE_ATTEMPTS = 10
+# botocore retry mode: "adaptive" is "standard" (backoff with full jitter on 5xx, throttling, resets and
+# timeouts) plus client-side rate limiting on throttling answers, what AWS advises for SlowDown at scale.
+_RETRY_MODE = "adaptive"
+# botocore error codes that mean "try again later" (throttling, overload, server-side failure); any other
+# 4xx answer (NoSuchKey, AccessDenied, NoSuchBucket...) is permanent.
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "ProvisionedThroughputExceededException",
+    "BandwidthLimitExceeded", "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+    "OperationAborted", "PriorRequestNotComplete"})
+# OSError errnos of network and overload failures (s3fs maps 503/SlowDown to EBUSY and 500 to EREMOTEIO).
+_TRANSIENT_ERRNOS = frozenset({
+    errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+    errno.EPIPE, errno.EREMOTEIO, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH})
+_TOO_MANY_REQUESTS = 429
+# Appended to a message about a transient fault that outlasted the retries.
+RETRY_HINT = (" (a transient storage fault that outlasted the retries: run the same command again later, or "
+              "raise --storage-attempts)")
 
 
-def open_fs(url: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem of ``url`` and the path inside it (protocol stripped)."""
-    return fsspec.core.url_to_fs(url, **storage_options(url, endpoint_url))
+def error_reason(err: BaseException) -> str:
+    """``err`` as one line for a user: its type and the first line of its message, credentials redacted."""
+    return redact_text(f"{type(err).__name__}: {err}".strip().splitlines()[0])
+
+
+def storage_options(url: str, endpoint_url: str | None, attempts: int = STORAGE_ATTEMPTS) -> dict:
+    """fsspec keyword arguments for ``url``. S3 (``s3://`` / ``s3a://``): botocore's retry config with ``attempts``
+    tries per request, and the endpoint override. (s3fs adds its own fixed retries of a response body cut off
+    mid-transfer and of SlowDown answers, on top.)"""
+    if urllib.parse.urlsplit(url).scheme not in ("s3", "s3a"):
+        return {}
+    options = {"config_kwargs": {"retries": {"mode": _RETRY_MODE, "max_attempts": attempts}}}
+    if endpoint_url:
+        options["endpoint_url"] = endpoint_url
+    return options
+
+
+def open_fs(url: str, endpoint_url: str | None = None,
+            attempts: int = STORAGE_ATTEMPTS) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of ``url`` and the path inside it (protocol stripped); S3 retries as `storage_options`."""
+    return fsspec.core.url_to_fs(url, **storage_options(url, endpoint_url, attempts))
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a fault that may pass: throttling, 5xx, a reset or
+    refused connection, a timeout. False for permanent answers: missing (404), denied (403), other 4xx, local
+    file errors such as FileNotFoundError / PermissionError, and anything else unknown."""
+    import aiohttp  # s3fs's transport (through aiobotocore)
+    import botocore.exceptions
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, botocore.exceptions.ClientError):
+            error = err.response.get("Error", {})
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            code = str(error.get("Code", ""))
+            return (code in _TRANSIENT_CODES or status >= 500 or status == _TOO_MANY_REQUESTS
+                    or code.isdigit() and (int(code) >= 500 or int(code) == _TOO_MANY_REQUESTS))
+        if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(err, (botocore.exceptions.HTTPClientError, botocore.exceptions.ConnectionError,
+                            botocore.exceptions.ResponseStreamingError, ConnectionError, TimeoutError,
+                            asyncio.TimeoutError, http.client.IncompleteRead, fsspec.exceptions.FSTimeoutError,
+                            aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+            return True
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -55,13 +130,13 @@ class InputListing:
     ignored: int
 
 
-def list_inputs(spec: str, endpoint_url: str | None = None) -> InputListing:
+def list_inputs(spec: str, endpoint_url: str | None = None, attempts: int = STORAGE_ATTEMPTS) -> InputListing:
     """List ``spec``: a folder/prefix (recursively, image suffixes), a glob, or a manifest file (one URI a line).
 
     Manifest lines may be absolute URIs or paths relative to the manifest's folder; blank lines and lines
     starting with ``#`` are skipped. Raises FileNotFoundError when ``spec`` names nothing.
     """
-    fs, path = open_fs(spec, endpoint_url)
+    fs, path = open_fs(spec, endpoint_url, attempts)
     if _GLOB_CHARS.search(path):
         root = _GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0]
         paths = [p for p in fs.glob(path) if not fs.isdir(p)]
@@ -108,6 +183,27 @@ def publish_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None
         out.write(data)
 
 
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Make ``data`` appear at ``path`` whole, only if nothing is there yet; raises FileExistsError otherwise.
+
+    Of several writers racing, exactly one succeeds: locally a temp file hard-linked to ``path`` (link fails
+    if the name exists); on S3 a conditional PUT (``If-None-Match: *``).
+    """
+    if not is_local(fs):
+        fs.pipe_file(path, data, mode="create")
+        return
+    folder = posixpath.dirname(path)
+    fs.makedirs(folder, exist_ok=True)
+    temp = join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "wb") as out:
+            out.write(data)
+        os.link(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
 @contextlib.contextmanager
 def open_for_publish(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb") -> Iterator:
     """A writable file whose content appears at ``path`` only when the block ends without an exception.
@@ -117,8 +213,8 @@ def open_for_publish(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb")
     discarded so nothing half-written is ever visible under ``path``.
     """
     folder = posixpath.dirname(path)
-    fs.makedirs(folder, exist_ok=True)
     if is_local(fs):
+        fs.makedirs(folder, exist_ok=True)  # object stores have no folders (and s3fs would create a missing bucket)
         temp = join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             with fs.open(temp, mode) as out:

@@ -1,0 +1,74 @@
+"""A model worker killed by an input (SIGKILL, as the kernel's OOM killer does): restarted, its batch given again
+a bounded number of times, the image that kills it every time ends as a `model_error` row, the run goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+from ray import cloudpickle
+
+import pipelines.label
+from pipelines.config import LabelConfig
+from pipelines.label import run_label
+from pipelines.output import OutputStore
+from pipelines.predict import MAX_WORKER_DEATHS, MODEL_ERROR, LabelImages
+from schemas.tables import IMAGES_DIR, STATUS_OK
+from tests.pipeline_cases import shapes_image
+
+# The image size that kills the worker (height, width); no other test image has it.
+POISON_SIZE = (37, 53)
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers need not import the tests package
+
+
+def _die_on_poison(images) -> None:
+    if any(image.shape[:2] == POISON_SIZE for image in images):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CrashingModelStage(LabelImages):
+    """The real model stage, whose process is killed whenever its model is given an image of POISON_SIZE."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        predict_images, set_image = self.predictor.predict_images, self.predictor.set_image
+
+        def guarded_predict_images(images, boxes):
+            _die_on_poison(images)
+            return predict_images(images, boxes)
+
+        def guarded_set_image(image):
+            _die_on_poison([image])
+            return set_image(image)
+
+        self.predictor.predict_images, self.predictor.set_image = guarded_predict_images, guarded_set_image
+
+
+@pytest.mark.slow
+def test_an_image_that_kills_the_worker_every_time_ends_as_an_error_row(ray_cluster, tmp_path, monkeypatch):
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    names = [f"img_{index}.jpg" for index in range(6)]
+    for index, name in enumerate(names):
+        height, width = POISON_SIZE if name == "img_2.jpg" else (40, 60)
+        shapes_image(index, width, height).save(images_dir / name)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+                                   "annotations": [{"id": i, "image_id": i, "bbox": [2, 2, 20, 20]}
+                                                   for i in range(len(names))]}))
+    monkeypatch.setattr(pipelines.label, "LabelImages", CrashingModelStage)
+    config = LabelConfig(input=str(images_dir), output=str(tmp_path / "out"), mode="box", prompts=str(prompts),
+                         batch_size=3)
+    summary = run_label(config, show_progress=False)
+
+    rows = {row["image_uri"].rsplit("/", 1)[-1]: row for row in OutputStore(config.output).read_table(IMAGES_DIR).to_pylist()}
+    assert sorted(rows) == names
+    poison = rows.pop("img_2.jpg")
+    assert poison["error_kind"] == MODEL_ERROR and f"died each time" in poison["error"]
+    assert f"{MAX_WORKER_DEATHS} times" in poison["error"]
+    assert all(row["status"] == STATUS_OK for row in rows.values())  # its batch neighbours were labelled
+    assert summary.run_errors == {MODEL_ERROR: 1}
