@@ -27,6 +27,7 @@ import torch
 from ovsam.images import IMAGE_SUFFIXES, DecodeError, decode_image
 from ovsam.redaction import redact_uri
 from ovsam.transforms import ImageFrame, preprocess
+from pipelines.storage import publish_bytes
 
 EMBEDDING_SUFFIX = ".npy"
 # Ground-truth masks smaller than this (pixels in the model input frame) give no usable point prompt or
@@ -87,10 +88,29 @@ def read_embedding(uri: str) -> np.ndarray:
 
 
 def write_embedding(uri: str, embedding: np.ndarray) -> None:
+    """Publish ``embedding`` at ``uri`` whole or not at all (temp file + rename locally, one PUT on object
+    stores), so a killed precompute never leaves a truncated ``.npy`` under the final name."""
     buffer = io.BytesIO()
     np.save(buffer, embedding, allow_pickle=False)
-    with fsspec.open(uri, "wb") as handle:
-        handle.write(buffer.getvalue())
+    fs, path = fsspec.core.url_to_fs(uri)
+    publish_bytes(fs, path, buffer.getvalue())
+
+
+def embedding_is_complete(uri: str, shape: tuple[int, ...]) -> bool:
+    """Whether ``uri`` holds a whole float16 ``.npy`` of ``shape``: its header says so and the file is as long
+    as that header promises (a truncated or foreign file is not, and is embedded again). Reads the header only."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        with fs.open(path, "rb") as handle:
+            read_header = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(handle) == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            header_shape, fortran_order, dtype = read_header(handle)
+            data_offset = handle.tell()
+        size = fs.size(path)
+    except (OSError, ValueError, EOFError):  # missing (FileNotFoundError is an OSError), empty or not a .npy
+        return False
+    expected = data_offset + int(np.prod(shape)) * np.dtype(np.float16).itemsize
+    return tuple(header_shape) == tuple(shape) and dtype == np.float16 and not fortran_order and size == expected
 
 
 class DistillationPairs(torch.utils.data.Dataset):

@@ -4,8 +4,10 @@ The release distils SAM ViT-H's image embeddings and caches them, because the 60
 costs far more than the student. `precompute` runs the teacher over an SA-1B-layout image folder as a
 Ray Data job (an actor pool holds the teacher, one GPU each when asked) and writes one float16
 ``[256, g, g]`` ``.npy`` per image (``g`` = image size / 16) under an embeddings prefix, with a ``teacher.json`` manifest; images
-already embedded are skipped, so a re-run resumes. An image that cannot be read becomes an error entry in
-the manifest (path and reason) and is reported, never silently dropped.
+already embedded are skipped, so a re-run resumes. Each ``.npy`` is published whole (temp + rename, or one
+PUT), and a resumed run embeds again any file that is not a whole embedding of the expected shape. An image
+that cannot be read becomes an error entry in the manifest (path and reason) and is reported, never silently
+dropped.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
-from jobs.data import DataError, embedding_uri, join, list_images, read_image, write_embedding
+from jobs.data import DataError, embedding_is_complete, embedding_uri, join, list_images, read_image, write_embedding
 from ovsam import weights as weight_io
 from ovsam.redaction import redact_uri
 from ovsam.transforms import preprocess
@@ -102,6 +104,8 @@ class TeacherEmbedder:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.encoder = config.build().to(self.device)
         self.image_size = config.image_size
+        self.embedding_shape = (config.out_channels, config.image_size // SAM_PATCH_SIZE,
+                                config.image_size // SAM_PATCH_SIZE)
         self.images = images
         self.embeddings = embeddings
 
@@ -110,8 +114,7 @@ class TeacherEmbedder:
         status = ["" for _ in paths]
         todo, pixels = [], []
         for i, path in enumerate(paths):
-            fs, target = fsspec.core.url_to_fs(embedding_uri(self.embeddings, path))
-            if fs.exists(target):
+            if embedding_is_complete(embedding_uri(self.embeddings, path), self.embedding_shape):
                 status[i] = "exists"
                 continue
             try:

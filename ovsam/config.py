@@ -31,6 +31,40 @@ class ConfigError(OVSAMError):
     """A model configuration is malformed."""
 
 
+# Bounds of a model config, checked before anything is allocated. They are far above every released or
+# planned model (ViT-H blocks: width 1280; SAM's decoder: 256) and far below sizes that would try to
+# allocate tens of gigabytes from a typo: a stage may hold at most MAX_STAGE_PARAMETERS weights (8 GB in
+# float32, 13x the SAM2CLIP adapter of the release).
+MAX_WIDTH = 8192
+MAX_DEPTH = 64
+MAX_IMAGE_SIZE = 4096
+MAX_STAGE_PARAMETERS = 2_000_000_000
+# open_clip config values are counts or sizes; the largest legitimate one is the text vocabulary (49408).
+MAX_OPEN_CLIP_VALUE = 1 << 16
+
+
+def _check_int(field_name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{field_name} must be an integer from {low} to {high:,}, got {value!r}")
+
+
+def _check_number(field_name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigError(f"{field_name} must be a number from {low} to {high}, got {value!r}")
+
+
+def _check_open_clip_values(field_name: str, value: Any) -> None:
+    """Every number in an open_clip config is a non-negative count or size below `MAX_OPEN_CLIP_VALUE`."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_open_clip_values(f"{field_name}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_open_clip_values(f"{field_name}[{index}]", item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value <= MAX_OPEN_CLIP_VALUE:
+        raise ConfigError(f"{field_name} must be from 0 to {MAX_OPEN_CLIP_VALUE:,}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ClipTowerConfig:
     """The CLIP tower, built by open_clip.
@@ -44,6 +78,25 @@ class ClipTowerConfig:
     open_clip_config: Mapping[str, Any] | None = None
     quick_gelu: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ConfigError(f"clip.arch must be an open_clip model name, got {self.arch!r}")
+        if self.open_clip_config is None:
+            import open_clip  # here, not at import: the CLI reads configs without loading the model stack
+
+            if self.arch not in open_clip.list_models():
+                raise ConfigError(f"clip.arch {self.arch!r} is not an open_clip model name (e.g. RN50x16, "
+                                  "convnext_large_d_320); give clip.open_clip_config to describe another tower")
+            return
+        if not isinstance(self.open_clip_config, Mapping):
+            raise ConfigError("clip.open_clip_config must be an object (embed_dim, vision_cfg, text_cfg)")
+        _check_open_clip_values("clip.open_clip_config", self.open_clip_config)
+        _check_int("clip.open_clip_config.embed_dim", self.open_clip_config.get("embed_dim"), 1, MAX_WIDTH)
+        vision = self.open_clip_config.get("vision_cfg")
+        if not isinstance(vision, Mapping) or not ("layers" in vision or "timm_model_name" in vision):
+            raise ConfigError("clip.open_clip_config.vision_cfg must describe a ResNet (layers) or a timm "
+                              "ConvNeXt (timm_model_name) image tower")
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -55,6 +108,23 @@ class AdapterConfig:
     window_size: int = 14
     global_attn_indexes: tuple[int, ...] = (4,)
     mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_int("adapter.embed_dim", self.embed_dim, 1, MAX_WIDTH)
+        _check_int("adapter.depth", self.depth, 1, MAX_DEPTH)
+        _check_int("adapter.num_heads", self.num_heads, 1, self.embed_dim)
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"adapter.embed_dim ({self.embed_dim}) must be divisible by adapter.num_heads "
+                              f"({self.num_heads})")
+        _check_int("adapter.window_size", self.window_size, 1, MAX_IMAGE_SIZE // 16)
+        _check_number("adapter.mlp_ratio", self.mlp_ratio, 0.25, 16)
+        for index in self.global_attn_indexes:
+            _check_int("adapter.global_attn_indexes[]", index, 0, self.depth - 1)
+        # A ViT block: qkv + projection (4 d^2) and the MLP (2 * mlp_ratio * d^2).
+        parameters = self.depth * (4 + 2 * self.mlp_ratio) * self.embed_dim ** 2
+        if parameters > MAX_STAGE_PARAMETERS:
+            raise ConfigError(f"adapter.embed_dim {self.embed_dim} with adapter.depth {self.depth} makes "
+                              f"{parameters:,.0f} weights, more than the limit of {MAX_STAGE_PARAMETERS:,}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +140,23 @@ class DecoderConfig:
     # mmdet SingleRoIExtractor's default: RoIs of sqrt(area) < 2 * 56 go to the stride-4 level.
     finest_scale: float = 56.0
 
+    def __post_init__(self) -> None:
+        _check_int("decoder.dim", self.dim, 1, MAX_WIDTH)
+        _check_int("decoder.depth", self.depth, 1, MAX_DEPTH)
+        _check_int("decoder.num_heads", self.num_heads, 1, self.dim)
+        if self.dim % self.num_heads:
+            raise ConfigError(f"decoder.dim ({self.dim}) must be divisible by decoder.num_heads ({self.num_heads})")
+        _check_int("decoder.mlp_dim", self.mlp_dim, 1, 8 * MAX_WIDTH)
+        _check_int("decoder.mask_in_chans", self.mask_in_chans, 1, MAX_WIDTH)
+        _check_int("decoder.roi_size", self.roi_size, 1, 64)
+        _check_number("decoder.finest_scale", self.finest_scale, 1, MAX_IMAGE_SIZE)
+        # Two-way transformer layer: three attentions (4 d^2 each) and the MLP (2 d mlp_dim).
+        parameters = self.depth * (12 * self.dim ** 2 + 2 * self.dim * self.mlp_dim)
+        if parameters > MAX_STAGE_PARAMETERS:
+            raise ConfigError(f"decoder.dim {self.dim} with decoder.depth {self.depth} and decoder.mlp_dim "
+                              f"{self.mlp_dim} makes {parameters:,} weights, more than the limit of "
+                              f"{MAX_STAGE_PARAMETERS:,}")
+
 
 @dataclass(frozen=True)
 class FusionConfig:
@@ -77,6 +164,10 @@ class FusionConfig:
 
     alpha: float = 0.1  # weight of CLIP for classes seen in training
     beta: float = 0.9  # weight of CLIP for unseen classes
+
+    def __post_init__(self) -> None:
+        _check_number("fusion.alpha", self.alpha, 0, 1)
+        _check_number("fusion.beta", self.beta, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -103,12 +194,20 @@ class OVSAMConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
+        _check_int("image_size", self.image_size, 32, MAX_IMAGE_SIZE)
         if self.image_size % 32:
             raise ConfigError(f"image_size must be a multiple of 32 (CLIP's coarsest stride), got {self.image_size}")
+        if not isinstance(self.weights, Mapping) or not all(isinstance(v, str) for v in self.weights.values()):
+            raise ConfigError("weights must map weight roles to source strings (paths or URLs)")
         if unknown := set(self.weights) - set(WEIGHT_ROLES):
             raise ConfigError(f"unknown weight roles {sorted(unknown)}; known: {list(WEIGHT_ROLES)}")
-        if self.adapter.embed_dim % self.adapter.num_heads:
-            raise ConfigError("adapter.embed_dim must be divisible by adapter.num_heads")
+        if self.vocabulary is not None and not isinstance(self.vocabulary, str):
+            raise ConfigError(f"vocabulary must be a vocabulary spec string, got {self.vocabulary!r}")
+        if self.seen_classes is not None and not all(isinstance(c, str) and c.strip() for c in self.seen_classes):
+            raise ConfigError("seen_classes must be a list of non-empty class strings")
+        _check_int("seed", self.seed, 0, 2 ** 63 - 1)
 
     @property
     def embedding_grid(self) -> int:
@@ -123,7 +222,7 @@ class OVSAMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "OVSAMConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "model config") -> "OVSAMConfig":
         try:
             data = dict(data)
             sections = {
@@ -136,6 +235,8 @@ class OVSAMConfig:
                 if key in data:
                     data[key] = section_cls(**data[key])
             if data.get("seen_classes") is not None:
+                if not isinstance(data["seen_classes"], (list, tuple)):
+                    raise ConfigError("seen_classes must be a list of class strings")
                 data["seen_classes"] = tuple(data["seen_classes"])
             if "adapter" in data:
                 data["adapter"] = dataclasses.replace(
@@ -144,6 +245,8 @@ class OVSAMConfig:
             return cls(**data)
         except TypeError as err:
             raise ConfigError(f"{source}: {err}") from err
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
 
 def preset_names() -> list[str]:
@@ -182,4 +285,6 @@ def _read_config(path: Path) -> OVSAMConfig:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read model config {path}: {err}") from err
-    return OVSAMConfig.from_dict(data, source=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"model config {path} must hold a JSON object, not a {type(data).__name__}")
+    return OVSAMConfig.from_dict(data, source=f"model config {path}")

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Literal
 
 from ovsam.redaction import redact_uri
-from pipelines.storage import STORAGE_ATTEMPTS
+from pipelines.storage import STORAGE_ATTEMPTS, nested_location
 
 Mode = Literal["auto", "box"]
 MODES: tuple[Mode, ...] = ("auto", "box")
@@ -74,8 +74,8 @@ class LabelConfig:
                                  ("--top-k", self.top_k, 1), ("--storage-attempts", self.storage_attempts, 1)):
             if value is not None and value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
-        if self.input.rstrip("/") == self.output.rstrip("/"):
-            raise ConfigError("--output must differ from INPUT")
+        if problem := nested_location(self.input, self.output):
+            raise ConfigError(problem)
 
     def public_dict(self) -> dict:
         """The config as JSON-ready values with credentials removed from every URL (for run.json and logs)."""

@@ -137,6 +137,8 @@ def list_inputs(spec: str, endpoint_url: str | None = None, attempts: int = STOR
     starting with ``#`` are skipped. Raises FileNotFoundError when ``spec`` names nothing.
     """
     fs, path = open_fs(spec, endpoint_url, attempts)
+    if is_local(fs):
+        path = posixpath.normpath(path)  # one image, one URI: no `..` or `.` segments
     if _GLOB_CHARS.search(path):
         root = _GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0]
         paths = [p for p in fs.glob(path) if not fs.isdir(p)]
@@ -150,6 +152,34 @@ def list_inputs(spec: str, endpoint_url: str | None = None, attempts: int = STOR
     if path.lower().endswith(IMAGE_SUFFIXES):
         return _listing(fs, posixpath.dirname(path), [path], ignored=0)
     return _manifest(fs, path)
+
+
+def canonical_location(spec: str) -> str:
+    """``spec`` as a comparable location: local paths absolute and normalised (``file://`` prefix), URLs with
+    their path normalised and no trailing slash. Does no IO."""
+    if "://" not in spec or spec.startswith("file://"):
+        path = os.path.abspath(fsspec.core.url_to_fs(os.path.expanduser(spec))[1])
+        return "file://" + posixpath.normpath(path)
+    parts = urllib.parse.urlsplit(spec)
+    return f"{parts.scheme}://{parts.netloc}{posixpath.normpath('/' + parts.path.lstrip('/')).rstrip('/')}"
+
+
+def nested_location(input_spec: str, output: str) -> str | None:
+    """A sentence when the output lies inside the input folder or the input inside the output (a re-run would
+    label the tool's own files, or write into what it reads); None when they are apart. A glob's folder is
+    the part before its first wildcard."""
+    root = _GLOB_CHARS.split(input_spec, 1)[0]
+    source = canonical_location(root.rsplit("/", 1)[0] if root != input_spec else input_spec)
+    target = canonical_location(output)
+    if source == target:
+        return f"--output {redact_uri(output)} is the input folder itself; choose an output outside it"
+    if target.startswith(source + "/"):
+        return (f"--output {redact_uri(output)} is inside the input {redact_uri(input_spec)}: the next run would "
+                "label its own files; choose an output outside the input")
+    if source.startswith(target + "/"):
+        return (f"the input {redact_uri(input_spec)} is inside --output {redact_uri(output)}: choose an output "
+                "that does not contain the input")
+    return None
 
 
 def _listing(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], ignored: int) -> InputListing:
@@ -167,10 +197,15 @@ def _manifest(fs: fsspec.AbstractFileSystem, path: str) -> InputListing:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            if "://" in line:
-                uris.add(line)
+            if line.startswith("file://"):
+                local, local_path = fsspec.core.url_to_fs(line)
+                uris.add(local.unstrip_protocol(posixpath.normpath(local_path)))
+            elif "://" in line:
+                uris.add(line)  # an object key may hold `..` literally; only paths are normalised
             else:
-                uris.add(fs.unstrip_protocol(line if line.startswith("/") else posixpath.join(base, line)))
+                # Relative to the manifest's folder, `..` resolved, so that one image has one URI (and
+                # one annotation id) whichever manifest lists it.
+                uris.add(fs.unstrip_protocol(posixpath.normpath(line if line.startswith("/") else posixpath.join(base, line))))
     ordered = sorted(uris)
     root = posixpath.commonprefix(ordered).rsplit("/", 1)[0] if ordered else ""
     keys = tuple(uri[len(root) + 1:] if root else uri for uri in ordered)

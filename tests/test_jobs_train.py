@@ -54,6 +54,22 @@ def _losses_by_epoch(result) -> list[float]:
     return frame["loss"].tolist()
 
 
+def test_precompute_redoes_a_truncated_embedding(ray_cluster, tmp_path):
+    """A .npy cut short (by a kill, or a tool that wrote in place) is embedded again on resume, not kept."""
+    _shapes(tmp_path / "data", num_images=3, seed=12)
+    config = teacher.PrecomputeConfig(str(tmp_path / "data" / "images"), str(tmp_path / "teacher"), TEACHER, batch_size=4)
+    assert teacher.precompute(config)["written"] == 3
+    embeddings = sorted((tmp_path / "teacher").glob("*.npy"))
+    whole = read_embedding(str(embeddings[0]))
+    embeddings[0].write_bytes(embeddings[0].read_bytes()[:-100])
+    again = teacher.precompute(config)
+    assert (again["written"], again["existing"]) == (1, 2)
+    # Embedded again (alone in its batch now, so equal up to float16 rounding of a different summation order).
+    np.testing.assert_allclose(read_embedding(str(embeddings[0])), whole, atol=2e-2)
+    assert sorted(path.name for path in (tmp_path / "teacher").iterdir()) == sorted(
+        [path.name for path in embeddings] + [teacher.MANIFEST_FILE])  # no temp files left
+
+
 @pytest.mark.slow
 def test_sam2clip_on_s3_with_two_workers(ray_cluster, s3_server, tmp_path):
     bucket = s3_server.make_bucket("sam2clip-test")

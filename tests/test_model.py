@@ -41,6 +41,42 @@ def test_unknown_preset_names_the_choices():
         ovsam.load_model("nope")
 
 
+@pytest.mark.parametrize("section, field, value, named", [
+    ("adapter", "embed_dim", -64, "adapter.embed_dim"),
+    ("adapter", "embed_dim", 10**9, "adapter.embed_dim"),
+    ("adapter", "depth", "2", "adapter.depth"),
+    ("adapter", "num_heads", 3, "adapter.num_heads"),  # 64 is not divisible by 3
+    ("adapter", "global_attn_indexes", [7], "adapter.global_attn_indexes"),
+    ("decoder", "dim", 0, "decoder.dim"),
+    ("decoder", "mlp_dim", 10**7, "decoder.mlp_dim"),
+    ("fusion", "alpha", 1.5, "fusion.alpha"),
+    ("clip", "arch", "RN5O", "clip.arch"),
+    (None, "image_size", 100, "image_size"),
+    (None, "image_size", 65536, "image_size"),
+    (None, "seen_classes", "cat", "seen_classes"),
+])
+def test_a_bad_model_config_is_refused_naming_the_field(tmp_path, section, field, value, named):
+    """Absurd or inconsistent dimensions are refused where the config enters, before anything is allocated."""
+    config = json.loads((ovsam.config.PRESET_DIR / "tiny.json").read_text())
+    if section == "clip":
+        config["clip"] = {"arch": value}
+    elif section is None:
+        config[field] = value
+    else:
+        config[section][field] = value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as caught:
+        ovsam.load_model(str(path), device="cpu")
+    message = str(caught.value)
+    assert message.startswith(f"model config {path}: ") and named in message and "\n" not in message
+
+
+def test_a_release_sized_model_config_is_accepted():
+    for name in ("coco_rn50x16", "lvis_rn50x16", "tiny", "shapes"):
+        ovsam.load_config(name)
+
+
 def test_missing_weight_file_is_a_clear_error(tmp_path):
     missing = tmp_path / "clip2sam_coco_rn50x16.pth"
     with pytest.raises(ovsam.WeightsError, match="clip2sam_coco_rn50x16.pth"):

@@ -25,17 +25,20 @@ def test_help_documents_every_option_with_an_example():
 
 
 def test_bad_options_and_inputs_end_in_one_line_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         (("in", "-o", "out", "--mode", "box"), "--mode box needs --prompts"),
         (("in", "-o", "out", "--batch-size", "0"), "--batch-size must be >= 1"),
         (("in", "-o", "out", "--weights", "clip2sam"), "expected PART=SOURCE"),
         (("in", "-o", "out", "--weights", "decoder=x.pth"), "part must be one of"),
         (("in", "-o", "out", "--preset", "no-such-model"), "unknown model preset"),
-        ((str(tmp_path), "-o", str(tmp_path / "out"), "--weights", f"clip2sam={tmp_path}/missing.pth"),
+        ((str(empty), "-o", str(tmp_path / "out"), "--weights", f"clip2sam={tmp_path}/missing.pth"),
          "does not exist"),
         ((str(tmp_path / "nothing-here"), "-o", str(tmp_path / "out")), "does not exist"),
-        ((str(tmp_path), "-o", str(tmp_path / "out2")), "no images found"),
-        ((str(tmp_path), "-o", str(tmp_path / "out3"), "--mode", "box", "--prompts", str(tmp_path / "p.json")),
+        ((str(empty), "-o", str(tmp_path / "out2")), "no images found"),
+        ((str(empty), "-o", str(empty / "labels")), "inside the input"),
+        ((str(empty), "-o", str(tmp_path / "out3"), "--mode", "box", "--prompts", str(tmp_path / "p.json")),
          "cannot read prompts file"),
     ]
     for args, message in cases:

@@ -129,7 +129,7 @@ def test_config_rejects_contradictions():
         LabelConfig(input="a", output="b", mode="box")
     with pytest.raises(ConfigError, match="--batch-size"):
         LabelConfig(input="a", output="b", batch_size=0)
-    with pytest.raises(ConfigError, match="differ"):
+    with pytest.raises(ConfigError, match="input folder itself"):
         LabelConfig(input="a/", output="a")
 
 
@@ -257,3 +257,28 @@ def test_training_and_labelling_list_the_same_images(tmp_path):
     for name in ("a.jpg", "b.webp", "c.TIF", "d.bmp", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert list_images(str(tmp_path)) == list(list_inputs(str(tmp_path)).keys) == ["a.jpg", "b.webp", "c.TIF", "d.bmp"]
+
+
+def test_output_and_input_may_not_contain_each_other(tmp_path):
+
+    images = tmp_path / "images"
+    nested = [(images, images / "out"), (images / "out" / "..", images / "labels"), (images / "sub", images),
+              ("s3://b/in/", "s3://b/in/labels"), ("s3://b/in/**/*.jpg", "s3://b/in/out"), (images, f"{images}/")]
+    for input_spec, output in nested:
+        with pytest.raises(ConfigError, match="inside|itself|contain") as caught:
+            LabelConfig(input=str(input_spec), output=str(output))
+        assert "\n" not in str(caught.value)
+    for input_spec, output in [("s3://b/in", "s3://b/input"), (images, tmp_path / "images-out"),
+                               (tmp_path / "list.txt", tmp_path / "out")]:
+        LabelConfig(input=str(input_spec), output=str(output))
+
+
+def test_manifest_paths_are_normalised_so_one_image_has_one_uri(tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "man").mkdir()
+    (tmp_path / "repo" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "man" / "list.txt").write_text(
+        f"../repo/a.jpg\nfile://{tmp_path}/man/../repo/a.jpg\n{tmp_path}/repo/./a.jpg\n")
+    expected = f"file://{tmp_path}/repo/a.jpg"
+    assert list_inputs(str(tmp_path / "man" / "list.txt")).uris == (expected,)
+    assert list_inputs(f"{tmp_path}/man/../repo").uris == (expected,)

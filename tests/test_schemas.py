@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ from pycocotools.coco import COCO
 
 from schemas.annotations import (
     MAX_ANNOTATIONS_PER_IMAGE,
+    MAX_SAFE_ID,
     AnnotationColumns,
     TooManyAnnotationsError,
     annotation_id,
@@ -82,7 +84,11 @@ def test_columns_from_prediction_match_pycocotools_and_the_schema():
 def test_annotation_ids_are_stable_distinct_and_bounded():
     assert annotation_id("a.jpg", 3) == annotation_id("a.jpg", 3)
     ids = {annotation_id(f"s3://b/{i}.jpg", j) for i in range(200) for j in range(5)}
-    assert len(ids) == 1000 and all(0 <= i < 2**63 for i in ids)
+    # <= 2^53 - 1: exact as a JavaScript number (a float64), as CVAT, Label Studio and browsers read COCO ids.
+    assert len(ids) == 1000 and all(0 <= i <= MAX_SAFE_ID and int(float(i)) == i for i in ids)
+    assert json.loads(json.dumps({"id": max(ids)}), parse_int=float)["id"] == max(ids)
+    # Stable across versions and machines: a pinned value (changing it renumbers every existing output).
+    assert annotation_id("s3://bucket/a.jpg", 1) == 8187251200950273
     with pytest.raises(TooManyAnnotationsError):
         annotation_id("a.jpg", MAX_ANNOTATIONS_PER_IMAGE)
 
