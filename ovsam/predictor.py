@@ -8,26 +8,35 @@ bf16 autocast, on CPU in float32; always under inference mode.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from .clip2sam import MASK_LOGIT_THRESHOLD, masks_to_boxes
 from .model import OVSAM, Decoded, ImageFeatures
-from .transforms import ImageFrame, preprocess, upscale_masks, validate_boxes, validate_points
+from .transforms import ImageFrame, mask_run_lengths, preprocess, upscale_masks, validate_boxes, validate_points
 from .vocabulary import Vocabulary, embed_vocabulary
 
-MASK_UPSCALE_CHUNK = 16  # masks upscaled to full resolution at a time: bounds memory on large images
+# Full-resolution mask logits (float32) computed at a time when masks are upscaled: 2^26 pixels is 256 MB,
+# 34 masks of a 1600x1200 image per chunk (one large scan alone), which bounds device memory on any image.
+MASK_UPSCALE_PIXELS = 1 << 26
 
 
 @dataclass
 class Prediction:
-    """N objects found in one image, in the original image frame (pixels, origin top-left)."""
+    """N objects found in one image.
 
-    masks: np.ndarray  # [N, H, W] bool
-    boxes: np.ndarray  # [N, 4] float32 xyxy box of each mask (zeros for an empty mask)
+    The masks stay as low-resolution logits on the model's device; full-resolution masks, their boxes and
+    their COCO run lengths are computed from them on that device when asked for, in the original image
+    frame (pixels, origin top-left). Only what is asked for reaches the host.
+    """
+
+    low_res_masks: torch.Tensor  # [N, 1, S/4, S/4] mask logits on the model's device, input frame
+    frame: ImageFrame  # geometry between the input frame and the original image
     label_ids: np.ndarray  # [N] int64 index into the vocabulary
     scores: np.ndarray  # [N] float32 fused probability of the label (background included in the softmax)
     topk_ids: np.ndarray  # [N, k] int64, most probable classes first
@@ -38,6 +47,39 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.label_ids)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the original image."""
+        return self.frame.original_size
+
+    def mask_chunks(self) -> Iterator[torch.Tensor]:
+        """The full-resolution masks, [n, H, W] bool on the model's device, a chunk of masks at a time."""
+        h, w = self.frame.original_size
+        step = max(1, MASK_UPSCALE_PIXELS // (h * w))
+        with torch.inference_mode():
+            for start in range(0, len(self), step):
+                yield upscale_masks(self.low_res_masks[start:start + step], self.frame) > MASK_LOGIT_THRESHOLD
+
+    @cached_property
+    def masks(self) -> np.ndarray:
+        """[N, H, W] bool masks in the original frame, on the host (computed once, on first use)."""
+        h, w = self.frame.original_size
+        if len(self) == 0:
+            return np.zeros((0, h, w), dtype=bool)
+        return np.concatenate([chunk.cpu().numpy() for chunk in self.mask_chunks()])
+
+    @cached_property
+    def boxes(self) -> np.ndarray:
+        """[N, 4] float32 xyxy boxes of the full-resolution masks, exclusive max edges; zeros for an empty mask."""
+        if len(self) == 0:
+            return np.zeros((0, 4), dtype=np.float32)
+        return torch.cat([masks_to_boxes(chunk) for chunk in self.mask_chunks()]).cpu().numpy()
+
+    def run_lengths(self) -> list[np.ndarray]:
+        """COCO uncompressed run lengths of the full-resolution masks (see `transforms.mask_run_lengths`):
+        N uint32 arrays. Only the change points of the masks leave the device."""
+        return [runs for chunk in self.mask_chunks() for runs in mask_run_lengths(chunk)]
 
 
 class Predictor:
@@ -163,35 +205,22 @@ class Predictor:
 
     def to_prediction(self, decoded: Decoded, frame: ImageFrame, prompt_type: str,
                       prompts: np.ndarray) -> Prediction:
-        """Threshold and upscale masks to the original frame, rank labels (background never wins)."""
+        """Rank labels (background never wins); the masks stay low-resolution logits on the device."""
         probs = torch.softmax(decoded.fused_logits.float(), dim=-1)
         class_probs = probs[:, :-1]
         topk_probs, topk_ids = class_probs.topk(self.top_k, dim=-1)
-        h, w = frame.original_size
-        masks = np.zeros((len(probs), h, w), dtype=bool)
-        with torch.inference_mode():
-            for start in range(0, len(probs), MASK_UPSCALE_CHUNK):
-                logits = upscale_masks(decoded.low_res_masks[start:start + MASK_UPSCALE_CHUNK], frame)
-                masks[start:start + MASK_UPSCALE_CHUNK] = (logits > 0).cpu().numpy()
+        # Two copies to the host (one per dtype) instead of one per field.
+        host_probs = torch.cat([topk_probs, probs[:, -1:]], dim=1).cpu().numpy().astype(np.float32)
+        host_ids = topk_ids.cpu().numpy().astype(np.int64)
         return Prediction(
-            masks=masks,
-            boxes=mask_boxes_xyxy(masks),
-            label_ids=topk_ids[:, 0].cpu().numpy().astype(np.int64),
-            scores=topk_probs[:, 0].cpu().numpy().astype(np.float32),
-            topk_ids=topk_ids.cpu().numpy().astype(np.int64),
-            topk_probs=topk_probs.cpu().numpy().astype(np.float32),
-            background_probs=probs[:, -1].cpu().numpy().astype(np.float32),
+            low_res_masks=decoded.low_res_masks,
+            frame=frame,
+            label_ids=host_ids[:, 0].copy(),
+            scores=host_probs[:, 0].copy(),
+            topk_ids=host_ids,
+            topk_probs=host_probs[:, :-1].copy(),
+            background_probs=host_probs[:, -1].copy(),
             prompt_type=prompt_type,
             prompts=np.asarray(prompts, dtype=np.float32),
         )
 
-
-def mask_boxes_xyxy(masks: np.ndarray) -> np.ndarray:
-    """[N, H, W] bool -> [N, 4] float32 (x1, y1, x2, y2) with exclusive max edges; zeros for empty masks."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for i, mask in enumerate(masks):
-        rows = np.flatnonzero(mask.any(axis=1))
-        if rows.size:
-            cols = np.flatnonzero(mask.any(axis=0))
-            boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-    return boxes

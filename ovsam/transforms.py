@@ -91,6 +91,32 @@ def upscale_masks(low_res_masks: torch.Tensor, frame: ImageFrame) -> torch.Tenso
     return x[:, 0]
 
 
+def mask_run_lengths(masks: torch.Tensor) -> list[np.ndarray]:
+    """COCO's uncompressed run lengths of [N, H, W] bool masks on any device -> N uint32 arrays.
+
+    Column-major (COCO's order), alternating runs of 0 and 1 starting with a run of 0 (of length 0 when the
+    first pixel is set); the runs of a mask sum to H * W. The change points are found on the masks' device,
+    as `segment_anything.utils.amg.mask_to_rle_pytorch` does, but all masks travel to the host in one copy
+    (that function synchronises twice per mask), and only the change points travel.
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return []
+    flat = masks.permute(0, 2, 1).flatten(1)
+    rows, cols = (flat[:, 1:] != flat[:, :-1]).nonzero(as_tuple=True)
+    per_mask = torch.bincount(rows, minlength=n)
+    # One int32 transfer: first pixel of each mask, number of change points, change points (H * W < 2^31,
+    # images are at most MAX_IMAGE_PIXELS).
+    packed = torch.cat([flat[:, 0].to(torch.int32), per_mask.to(torch.int32), cols.to(torch.int32)]).cpu().numpy()
+    first, counts, changes = packed[:n], packed[n:2 * n], packed[2 * n:]
+    out = []
+    for starts_with_one, mask_changes in zip(first, np.split(changes, np.cumsum(counts)[:-1])):
+        edges = np.concatenate([[0], mask_changes.astype(np.int64) + 1, [h * w]])
+        runs = np.diff(edges)
+        out.append((np.concatenate([[0], runs]) if starts_with_one else runs).astype(np.uint32))
+    return out
+
+
 def validate_boxes(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     """Check [N, 4] xyxy boxes against an image of (height, width) pixels and clip them to it.
 

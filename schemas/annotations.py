@@ -1,9 +1,10 @@
 """Columnar builder of the ``annotations`` table: one model prediction for one image → Arrow rows.
 
 `AnnotationColumns` maps one-to-one onto `ANNOTATIONS_SCHEMA`. It is built from anything shaped like
-``ovsam.Prediction`` (duck-typed: ``schemas`` depends on nothing of ours), encodes masks to COCO RLE
-with pycocotools and takes ``bbox`` and ``area`` from the RLE, so all three agree with what pycocotools
-computes when the table is read back.
+``ovsam.Prediction`` (duck-typed: ``schemas`` depends on nothing of ours): the prediction gives COCO's
+uncompressed run lengths of its masks (computed where the masks are, on the model's device), pycocotools
+compresses them, and ``bbox`` and ``area`` come from the compressed RLE, so all three agree with what
+pycocotools computes when the table is read back.
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ class TooManyAnnotationsError(ValueError):
 class PredictionLike(Protocol):
     """The fields of ``ovsam.Prediction`` this module reads (N objects, original-image frame)."""
 
-    masks: np.ndarray  # [N, H, W] bool
+    image_size: tuple[int, int]  # (H, W) of the original image
     label_ids: np.ndarray  # [N] int64, index into the vocabulary
     scores: np.ndarray  # [N] float32
     topk_ids: np.ndarray  # [N, k] int64
     topk_probs: np.ndarray  # [N, k] float32
     prompt_type: str  # "box" | "point" | "grid"
     prompts: np.ndarray  # [N, 4] xyxy boxes or [N, 2] xy points, float32
+
+    def __len__(self) -> int: ...  # N
+
+    def run_lengths(self) -> list[np.ndarray]: ...  # N uint32 arrays, see `compress_run_lengths`
 
 
 def annotation_id(image_uri: str, index: int) -> int:
@@ -56,19 +61,21 @@ def annotation_id(image_uri: str, index: int) -> int:
     return ((digest >> (64 - _URI_HASH_BITS)) << ANNOTATION_INDEX_BITS) | index
 
 
-def encode_masks(masks: np.ndarray) -> list[dict]:
-    """COCO compressed RLE of each mask: ``masks`` [N, H, W] bool → N dicts ``{"size": [H, W], "counts": str}``."""
-    if len(masks) == 0:
+def compress_run_lengths(run_lengths: Sequence[np.ndarray], height: int, width: int) -> list[dict]:
+    """COCO compressed RLE of masks given as uncompressed run lengths.
+
+    run_lengths: per mask, uint32 lengths of alternating runs of 0 and 1 in column-major order, starting
+    with a run of 0 (of length 0 if the first pixel is set), summing to ``height * width``.
+    Returns pycocotools' dicts ``{"size": [H, W], "counts": bytes}``, the same as ``pycocotools.mask.encode``.
+    """
+    if len(run_lengths) == 0:
         return []
-    # pycocotools wants a Fortran-ordered [H, W, N] uint8 array.
-    rles = mask_utils.encode(np.asfortranarray(np.moveaxis(masks.astype(np.uint8, copy=False), 0, -1)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
+    return mask_utils.frPyObjects([{"size": [height, width], "counts": runs} for runs in run_lengths],
+                                  height, width)
 
 
 def decode_rle(rle: dict) -> np.ndarray:
-    """Inverse of `encode_masks` for one mask: ``{"size": [H, W], "counts": str}`` → [H, W] bool."""
+    """Decode one mask of `compress_run_lengths`: ``{"size": [H, W], "counts": str}`` → [H, W] bool."""
     return mask_utils.decode({"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
@@ -101,23 +108,23 @@ class AnnotationColumns:
 
         Raises `TooManyAnnotationsError` when N exceeds `MAX_ANNOTATIONS_PER_IMAGE`.
         """
-        count = len(prediction.masks)
+        count = len(prediction)
         if count > MAX_ANNOTATIONS_PER_IMAGE:
             raise TooManyAnnotationsError(
                 f"{count} objects in one image; at most {MAX_ANNOTATIONS_PER_IMAGE} can be numbered")
         if count == 0:
             return cls.empty()
-        rles = encode_masks(prediction.masks)
-        coded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
-        bboxes = mask_utils.toBbox(coded).tolist() if count else []
-        areas = mask_utils.area(coded).tolist() if count else []
+        height, width = prediction.image_size
+        coded = compress_run_lengths(prediction.run_lengths(), height, width)
+        bboxes = mask_utils.toBbox(coded).tolist()
+        areas = mask_utils.area(coded).tolist()
         label_ids = np.asarray(prediction.label_ids, dtype=np.int64).tolist()
         topk_ids = np.asarray(prediction.topk_ids, dtype=np.int64).reshape(count, -1).tolist()
         return cls(
             image_uri=[image_uri] * count,
             annotation_id=[annotation_id(image_uri, i) for i in range(count)],
             bbox=bboxes,
-            segmentation=[{"size": [int(s) for s in r["size"]], "counts": r["counts"]} for r in rles],
+            segmentation=[{"size": [height, width], "counts": r["counts"].decode("ascii")} for r in coded],
             area=[int(a) for a in areas],
             label=[label_names[i] for i in label_ids],
             label_id=label_ids,

@@ -138,6 +138,26 @@ def test_box_prompts_give_one_object_each(predictor, image):
     np.testing.assert_allclose(total, 1.0, atol=1e-5)  # all 3 classes + background
 
 
+def test_masks_boxes_and_run_lengths_computed_on_the_device_agree(predictor, image):
+    """The three views of a prediction's masks (host masks, boxes, COCO run lengths) are one set of masks."""
+    import pycocotools.mask as mask_utils
+
+    from schemas.annotations import compress_run_lengths
+    predictor.set_image(image)
+    prediction = predictor.predict(boxes=np.array([[10, 20, 110, 120], [150, 40, 300, 230], [0, 0, 320, 240]],
+                                                  np.float32))
+    assert prediction.low_res_masks.device == predictor.model.device and prediction.image_size == (240, 320)
+    masks = prediction.masks
+    assert masks.any()
+    expected = mask_utils.encode(np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1)))
+    assert [r["counts"] for r in compress_run_lengths(prediction.run_lengths(), 240, 320)] == \
+        [r["counts"] for r in expected]
+    for mask, box in zip(masks, prediction.boxes):
+        ys, xs = np.nonzero(mask)
+        expected_box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if mask.any() else [0, 0, 0, 0]
+        np.testing.assert_array_equal(box, expected_box)
+
+
 def test_prompts_outside_the_image_raise_prompt_error(predictor, image):
     predictor.set_image(image)
     with pytest.raises(ovsam.PromptError, match="outside the 320x240 image"):

@@ -9,16 +9,18 @@ import numpy as np
 import pyarrow as pa
 import pycocotools.mask as mask_utils
 import pytest
+import torch
 from pycocotools.coco import COCO
 
+from ovsam.transforms import mask_run_lengths
 from schemas.annotations import (
     MAX_ANNOTATIONS_PER_IMAGE,
     MAX_SAFE_ID,
     AnnotationColumns,
     TooManyAnnotationsError,
     annotation_id,
+    compress_run_lengths,
     decode_rle,
-    encode_masks,
 )
 from schemas.coco import write_coco
 from schemas.tables import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SchemaError, validate
@@ -28,7 +30,8 @@ LABELS = ("cat", "dog", "bird")
 
 @dataclasses.dataclass
 class Prediction:
-    """The fields of ``ovsam.Prediction`` that the tables are built from (schemas does not import ovsam)."""
+    """What the tables are built from, as ``ovsam.Prediction`` gives it (schemas does not import ovsam),
+    from full-resolution masks kept here to check the rows against."""
 
     masks: np.ndarray
     label_ids: np.ndarray
@@ -37,6 +40,16 @@ class Prediction:
     topk_probs: np.ndarray
     prompt_type: str
     prompts: np.ndarray
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.masks.shape[1:]
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def run_lengths(self) -> list[np.ndarray]:
+        return mask_run_lengths(torch.from_numpy(self.masks))
 
 
 def random_prediction(seed: int, height: int, width: int, count: int) -> Prediction:
@@ -51,12 +64,23 @@ def random_prediction(seed: int, height: int, width: int, count: int) -> Predict
                       prompt_type="box", prompts=rng.random((count, 4)).astype(np.float32) * 10)
 
 
-def test_rle_round_trip_is_bit_exact_for_odd_sizes_empty_and_full_masks():
-    prediction = random_prediction(0, 37, 53, 5)
-    rles = encode_masks(prediction.masks)
-    assert all(isinstance(rle["counts"], str) and rle["size"] == [37, 53] for rle in rles)
-    for mask, rle in zip(prediction.masks, rles):
-        np.testing.assert_array_equal(decode_rle(rle), mask)
+def test_run_lengths_compress_to_exactly_what_pycocotools_encodes():
+    """Odd sizes, empty and full masks, masks starting with a set pixel, a single pixel, one row."""
+    for seed, (height, width) in enumerate([(37, 53), (1, 9), (8, 1), (64, 48)]):
+        prediction = random_prediction(seed, height, width, 6)
+        prediction.masks[2] = False
+        prediction.masks[2, 0, 0] = True  # starts with a 1-run
+        prediction.masks[3] = False
+        prediction.masks[3, -1, -1] = True  # ends with a 1-run
+        runs = prediction.run_lengths()
+        assert all(r.dtype == np.uint32 and r.sum() == height * width for r in runs)
+        ours = compress_run_lengths(runs, height, width)
+        expected = mask_utils.encode(np.asfortranarray(np.moveaxis(prediction.masks.astype(np.uint8), 0, -1)))
+        assert [r["counts"] for r in ours] == [r["counts"] for r in expected]
+        assert all(list(r["size"]) == [height, width] for r in ours)
+        for mask, rle in zip(prediction.masks, ours):
+            np.testing.assert_array_equal(decode_rle({"size": rle["size"], "counts": rle["counts"].decode()}), mask)
+    assert compress_run_lengths([], 4, 4) == []
 
 
 def test_columns_from_prediction_match_pycocotools_and_the_schema():
