@@ -188,7 +188,13 @@ def run(job: Clip2SamJob, settings: common.RunSettings) -> ray.train.Result:
 @common.run_options
 def main(model_spec: str, annotations: str, images: str, vocabulary: str | None, max_instances: int, num_points: int,
          train_adapter: bool, train_clip_image: bool, loader_workers: int, settings: common.RunSettings) -> None:
-    """Train the CLIP2SAM stage (FPN + OVSAM head) on COCO-format instances (Ray Train)."""
+    """Train the CLIP2SAM stage (FPN + OVSAM head) on COCO-format instances (Ray Train).
+
+    \b
+    Example:
+      ovsam-batch train clip2sam --preset models/s2c --annotations instances_train2017.json \\
+          --images train2017/ --storage s3://b/runs --name c2s --num-workers 8 --gpu --export models/c2s
+    """
     try:
         job = Clip2SamJob(model_spec, annotations, images, vocabulary, max_instances, num_points, train_adapter,
                           train_clip_image, loader_workers)

@@ -17,7 +17,9 @@ Output image URIs are matched to ground-truth ``file_name`` by the longest commo
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import io
 import json
 from collections.abc import Iterable
 
@@ -119,7 +121,8 @@ def _load_ground_truth(path: str) -> COCO:
         raise EvalError(f"ground-truth file {path} is not COCO instances JSON (needs images, annotations, categories)")
     coco = COCO()
     coco.dataset = dataset
-    coco.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):  # "creating index... index created!"
+        coco.createIndex()
     return coco
 
 
@@ -250,11 +253,13 @@ def _evaluate_auto(rows_by_image: dict[int, list[dict]], image_ids: list[int], c
     if not results:
         report["coco_ap"] = {key: 0.0 for key in COCO_AP_KEYS}
         return report
-    evaluator = COCOeval(coco, coco.loadRes(results), iouType="segm")
-    evaluator.params.imgIds = image_ids
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
+    # pycocotools prints progress and its own summary table; the command prints one table of its own.
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(results), iouType="segm")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
     report["coco_ap"] = {key: float(value) for key, value in zip(COCO_AP_KEYS, evaluator.stats)}
     return report
 

@@ -116,7 +116,13 @@ def run(job: Sam2ClipJob, settings: common.RunSettings) -> ray.train.Result:
               help="Data-loading processes per Ray worker.")
 @common.run_options
 def main(model_spec: str, images: str, embeddings: str, loader_workers: int, settings: common.RunSettings) -> None:
-    """Distil SAM's image embeddings into the SAM2CLIP adapter (Ray Train)."""
+    """Distil SAM's image embeddings into the SAM2CLIP adapter (Ray Train).
+
+    \b
+    Example:
+      ovsam-batch train sam2clip --preset coco_rn50x16 --images s3://b/sa1b/ --embeddings s3://b/sa1b-vith/ \\
+          --storage s3://b/runs --name s2c --num-workers 8 --gpu --export models/s2c
+    """
     try:
         result = run(Sam2ClipJob(model_spec, images, embeddings, loader_workers), settings)
     except (DataError, common.JobError, ovsam.OVSAMError) as err:

@@ -193,13 +193,25 @@ def read_manifest(embeddings: str) -> dict:
 @click.option("--sam-checkpoint", default=None, help="segment-anything checkpoint of the teacher (path, URL or hf://).")
 @click.option("--image-size", default=1024, show_default=True, type=int,
               help="Input side of a vit_* teacher (= the student model's image_size); a JSON teacher sets its own.")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Images per teacher call.")
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(min=1), help="Teacher replicas.")
 @click.option("--gpu/--cpu", "use_gpu", default=False, show_default=True, help="One GPU per teacher replica.")
 @click.option("--address", default=None, help="Ray cluster address (default: local Ray).")
 def main(images: str, embeddings: str, teacher: str, sam_checkpoint: str | None, image_size: int, batch_size: int,
          concurrency: int, use_gpu: bool, address: str | None) -> None:
-    """Precompute SAM teacher embeddings for SAM2CLIP distillation (one .npy per image)."""
+    """Precompute SAM teacher embeddings for SAM2CLIP distillation (one .npy per image).
+
+    --teacher is vit_h/vit_l/vit_b (with --sam-checkpoint) or, offline, a JSON file of TeacherConfig's
+    fields (image_size, embed_dim, depth, num_heads, global_attn_indexes, window_size, out_channels,
+    checkpoint, seed): a checkpoint-less JSON teacher is seeded-random, as the shapes recipe uses.
+
+    \b
+    Examples:
+      ovsam-batch train precompute-teacher --images s3://b/sa1b/ --embeddings s3://b/sa1b-vith/ \\
+          --teacher vit_h --sam-checkpoint /models/sam_vit_h_4b8939.pth --gpu --concurrency 8
+      ovsam-batch train precompute-teacher --images imgs/ --embeddings emb/ --teacher teacher.json
+    """
     try:
         teacher_config = TeacherConfig.from_spec(teacher, sam_checkpoint, image_size)
         manifest = precompute(PrecomputeConfig(images, embeddings, teacher_config, batch_size, concurrency, use_gpu, address))

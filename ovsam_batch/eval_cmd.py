@@ -17,8 +17,13 @@ import click
 def main(outputs: str, ground_truth: str, split: str | None) -> None:
     """Evaluate the label outputs under OUTPUTS (the --output of `ovsam-batch label`).
 
-    Box- or point-prompted runs: mean mask IoU and recognition accuracy, overall, per class and
-    base/novel with --split. Automatic runs: COCO mask AP. Prints a table and writes OUTPUTS/eval.json.
+    Box-prompted runs: mean mask IoU and recognition accuracy, overall, per class and base/novel with
+    --split. Automatic runs: COCO mask AP. Prints a table and writes OUTPUTS/eval.json.
+
+    \b
+    Examples:
+      ovsam-batch eval demo-box --gt examples/boxes.json
+      ovsam-batch eval s3://bucket/labels --gt instances_val2017.json --split coco
     """
     from jobs import eval as evaluation  # torch and pyarrow load only when the command runs
 

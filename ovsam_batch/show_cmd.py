@@ -31,6 +31,11 @@ def main(output: str, out_dir: str, images: tuple[str, ...], sample: int, seed: 
     Writes OUT/overlays/NAME_HASH.png per image (each mask in its own colour, outlined, with its label
     and score) and OUT/contact_sheet.png with all of them. With --label/--min-score/--max-score, only
     matching annotations are drawn and the sample is taken among images that have one.
+
+    \b
+    Examples:
+      ovsam-batch show demo-output --out demo-output-show
+      ovsam-batch show demo-output --out demo-show --image shapes_000003.jpg --label hexagon --min-score 0.2
     """
     try:
         config = ShowConfig(

@@ -139,7 +139,7 @@ def test_point_prompts_pair_with_the_object_under_the_point(tmp_path):
     assert report["overall"] == {"n": 2, "mean_iou": pytest.approx(0.5), "accuracy": 1.0}
 
 
-def test_auto_mode_coco_ap(tmp_path):
+def test_auto_mode_coco_ap(tmp_path, capfd):
     """circle: one exact prediction -> AP 1. square: a false positive scored above the exact prediction ->
     precision 0.5 at every recall -> AP 0.5. Mean over the two classes: 0.75. A label outside the ground
     truth's categories is left out and counted."""
@@ -159,6 +159,8 @@ def test_auto_mode_coco_ap(tmp_path):
     assert report["coco_ap"]["AP"] == pytest.approx(0.75)
     assert report["coco_ap"]["AP50"] == pytest.approx(0.75)
     assert (report["predictions"], report["labels_not_in_ground_truth"]) == (3, 1)
+    printed = capfd.readouterr().out
+    assert "index created" not in printed and "Average Precision" not in printed  # no pycocotools chatter
 
 
 def test_cli_reads_s3_and_writes_eval_json(tmp_path, s3_server):

@@ -46,3 +46,32 @@ def test_bad_options_and_inputs_end_in_one_line_errors(tmp_path):
         assert result.exit_code != 0, args
         assert message in result.output, (args, result.output)
         assert "Traceback" not in result.output and not isinstance(result.exception, (TypeError, AttributeError))
+
+
+def _commands(group, prefix=()):
+    import click
+
+    for name in group.list_commands(None):
+        command = group.get_command(None, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def test_every_command_has_an_example_and_every_option_a_description():
+    commands = dict(_commands(main))
+    assert {("label",), ("eval",), ("show",), ("report",), ("train", "clip2sam"), ("train", "sam2clip"),
+            ("train", "precompute-teacher")} <= set(commands)
+    for path, command in commands.items():
+        result = CliRunner().invoke(main, [*path, "--help"])
+        assert result.exit_code == 0, path
+        assert "Example" in result.output and f"ovsam-batch {' '.join(path)} " in result.output, path
+        undescribed = [param.opts[-1] for param in command.params
+                       if getattr(param, "param_type_name", "") == "option" and not param.help
+                       and param.name != "help"]
+        assert not undescribed, (path, undescribed)
+
+
+def test_eval_help_speaks_only_of_runs_label_can_make():
+    assert "point" not in CliRunner().invoke(main, ["eval", "--help"]).output.lower()

@@ -391,3 +391,22 @@ def test_report_renders_in_headless_chromium(label_output, tmp_path):
     assert pixels.std() > 20
     assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 500
     assert (pixels[:40].mean(axis=(0, 1)) < 80).all()  # the header band is drawn (dark), so CSS applied
+
+
+def test_show_into_a_used_folder_leaves_only_this_runs_overlays(label_output, tmp_path):
+    out = tmp_path / "show"
+    _invoke("show", str(label_output), "--out", str(out), "--sample", "3")
+    assert len(list((out / "overlays").glob("*.png"))) == 3
+    _invoke("show", str(label_output), "--out", str(out), "--image", "shapes_000003.jpg")
+    assert [path.name for path in (out / "overlays").glob("*.png")] == [
+        path.name for path in (out / "overlays").glob("shapes_000003_*.png")] and len(list((out / "overlays").iterdir())) == 1
+
+
+def test_report_writes_beside_the_output_by_default(label_output, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    output = _invoke("report", str(label_output), "--per-label", "1", "--gallery-labels", "1")
+    beside = label_output.parent / f"{label_output.name}-report.html"
+    assert beside.is_file() and str(beside) in output and not list(elsewhere.iterdir())
+    beside.unlink()

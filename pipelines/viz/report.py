@@ -451,6 +451,16 @@ def build_report(config: ReportConfig) -> str:
     )
 
 
+def default_report_file(output: str) -> str:
+    """Where `report` writes by default: beside a local output (``runs/a`` -> ``runs/a-report.html``), so it
+    never lands in whatever folder the command happens to run in; for an object-store output, in the
+    current folder, named after the output's last path part."""
+    trimmed = output.rstrip("/")
+    if "://" in trimmed and not trimmed.startswith("file://"):
+        return f"{posixpath.basename(trimmed) or 'output'}-report.html"
+    return f"{trimmed.removeprefix('file://')}-report.html"
+
+
 def write_report(config: ReportConfig) -> str:
     """Build the report and write it to ``config.out_file`` (local path); return that path."""
     page = build_report(config)

@@ -83,6 +83,9 @@ def show(config: ShowConfig) -> ShowResult:
 
     out_dir = pathlib.Path(config.out_dir)
     (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
+    # Overlays of an earlier `show` into the same folder would sit beside this one's as if they belonged to it.
+    for stale in (out_dir / OVERLAY_DIR).glob("*.png"):
+        stale.unlink()
     overlays, tiles, warnings = [], [], []
     for uri in uris:
         info = image_rows.get(uri)
