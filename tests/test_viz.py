@@ -410,3 +410,11 @@ def test_report_writes_beside_the_output_by_default(label_output, tmp_path, monk
     beside = label_output.parent / f"{label_output.name}-report.html"
     assert beside.is_file() and str(beside) in output and not list(elsewhere.iterdir())
     beside.unlink()
+
+
+def test_default_report_file_sits_beside_a_local_output():
+    from pipelines.viz.report import default_report_file
+
+    assert default_report_file("runs/a/") == "runs/a-report.html"
+    assert default_report_file("file:///data/labels") == "/data/labels-report.html"
+    assert default_report_file("s3://bucket/labels/run1/") == "run1-report.html"
