@@ -217,11 +217,6 @@ def maybe_crash(crash_once: str | None, epoch: int) -> None:
         os._exit(1)
 
 
-def worker_seed(seed: int, epoch: int) -> int:
-    """A different stream per worker and epoch, the same on every re-run."""
-    return seed * 1_000_003 + epoch * 1009 + ray.train.get_context().get_world_rank()
-
-
 def run(loop: Callable[[dict], None], loop_config: dict, settings: RunSettings) -> ray.train.Result:
     """Run ``loop`` on ``settings.num_workers`` Ray Train workers and return the result.
 

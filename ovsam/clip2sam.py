@@ -109,7 +109,6 @@ class SingleMaskDecoder(MaskDecoder):
 @dataclass
 class HeadOutput:
     low_res_masks: torch.Tensor  # [N, 1, 4g, 4g] mask logits on the 256 grid (for a 1024 input)
-    label_tokens: torch.Tensor  # [N, dim] the label token after the transformer
     mask_boxes: torch.Tensor  # [N, 4] boxes of the predicted masks in the input frame (zeros if empty)
     roi_embeddings: torch.Tensor  # [N, E] RoI features projected to CLIP's embedding space
 
@@ -149,7 +148,8 @@ class OVSAMHead(nn.Module):
         pos = image_pe.expand(n, -1, -1, -1)
         b, c, h, w = src.shape
         hs, src = decoder.transformer(src, pos, tokens)
-        label_tokens, mask_token = hs[:, 0, :], hs[:, 1, :]
+        # hs[:, 0] is the label token; the released forward uses only its label MLP, times zero (see label_mlp).
+        mask_token = hs[:, 1, :]
 
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper = decoder.output_hypernetworks_mlps[0](mask_token).unsqueeze(1)
@@ -161,7 +161,7 @@ class OVSAMHead(nn.Module):
         roi_feats = self.roi_extractor(fpn_feats, rois)
         # Width then height, as the release reduces; a joint mean differs in the last bits.
         roi_embeddings = self.roi_conv(roi_feats).mean(-1).mean(-1)
-        return HeadOutput(low_res_masks, label_tokens, mask_boxes, roi_embeddings)
+        return HeadOutput(low_res_masks, mask_boxes, roi_embeddings)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
