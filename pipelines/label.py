@@ -404,7 +404,8 @@ def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, items: lis
         compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
         num_gpus=plan.gpus_per_worker,
         # A worker that dies is restarted (max_restarts=-1, Ray Data's default made explicit) and its batch given
-        # again a bounded number of times (Ray Data's default would retry it forever).
+        # again a bounded number of times (Ray Data's default would retry it forever). Ray 2.60 has no named
+        # map_batches parameter for these yet, so they go as remote args (which it warns are deprecated).
         max_restarts=-1, max_task_retries=model_task_retries(config.batch_size))
     return dataset.map_batches(
         SendToWriter, batch_size=config.batch_size, batch_format="numpy", fn_constructor_kwargs={"writers": writers},

@@ -70,6 +70,9 @@ _STAGED = {ANNOTATIONS_DIR: "annotations.parquet", IMAGES_DIR: "images.parquet"}
 LEASE_FILE = "_lease.json"
 LEASE_SECONDS = 120.0
 _RENEW_EVERY_S = LEASE_SECONDS / 4
+# Run ids of the leases this process holds now: a lease naming this process but none of these was left by an
+# earlier run of it whose release failed (the storage refused the delete), and is stale.
+_HELD_HERE: set[str] = set()
 
 
 class OutputError(ValueError):
@@ -234,16 +237,27 @@ class Lease:
             create_exclusive(self.store.fs, self.path, self._body())
         except FileExistsError:
             stale = self.read()
-            if stale is not None and not _is_stale(stale):
+            if stale is not None and stale.get("run_id") == self.holder["run_id"]:
+                stale = None  # ours: the conditional PUT succeeded, its answer was lost and botocore sent it again
+            elif stale is not None and not _is_stale(stale):
                 raise self._held_by(stale) from None
-            self.store.fs.rm(self.path)
-            try:
-                create_exclusive(self.store.fs, self.path, self._body())
-            except FileExistsError:  # another run took the stale lease over first
-                raise self._held_by(self.read() or {}) from None
+            else:
+                self._take_over()
+        _HELD_HERE.add(self.holder["run_id"])
         self._renewer = threading.Thread(target=self._renew, name="ovsam-lease", daemon=True)
         self._renewer.start()
         return stale
+
+    def _take_over(self) -> None:
+        """Replace a stale (or vanished) lease by this run's; `OutputError` if another run took it over first."""
+        if self.store.fs.exists(self.path):
+            self.store.fs.rm(self.path)
+        try:
+            create_exclusive(self.store.fs, self.path, self._body())
+        except FileExistsError:
+            current = self.read() or {}
+            if current.get("run_id") != self.holder["run_id"]:
+                raise self._held_by(current) from None
 
     def read(self) -> dict | None:
         """The lease in the output, None if there is none; an unreadable one counts as expired."""
@@ -258,6 +272,7 @@ class Lease:
     def release(self) -> None:
         """Stop renewing and remove the lease if it is still this run's."""
         self._stop.set()
+        _HELD_HERE.discard(self.holder["run_id"])
         if self._renewer is not None:
             self._renewer.join()
         current = self.read()
@@ -288,6 +303,8 @@ def _is_stale(lease: dict) -> bool:
     if float(lease.get("expires_at", 0.0)) < time.time():
         return True
     if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int):
+        if lease["pid"] == os.getpid():
+            return lease.get("run_id") not in _HELD_HERE
         try:
             os.kill(lease["pid"], 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
