@@ -98,7 +98,7 @@ def pipeline_run(images: Path, prompts: Path, output: Path, preset: str, mode: s
 
     config = LabelConfig(input=str(images), output=str(output), mode=mode, prompts=str(prompts) if mode == "box"
                          else None, preset=preset, batch_size=batch_size, limit=limit,
-                         points_per_side=points_per_side)
+                         automatic=ovsam.AutomaticConfig(points_per_side=points_per_side))
     started = time.perf_counter()
     summary = run_label(config, show_progress=False)
     seconds = time.perf_counter() - started

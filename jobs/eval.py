@@ -8,6 +8,9 @@
   ``missing``: an error row never improves a score.
 * Automatic outputs (``prompt_type`` ``grid``): COCO mask AP by ``pycocotools.cocoeval.COCOeval``; the
   predicted label is mapped to the ground-truth category of the same name, the score is the row's score.
+  Beside AP, class-agnostic figures of what a person would have to fix: ``recall`` (ground-truth objects
+  with a predicted mask of IoU >= 0.5), ``unmatched_per_image`` (masks with IoU < 0.5 to every object:
+  masks to delete), and ``empty_masks`` (masks of zero pixels).
 
 Only ground-truth images that appear in the output's ``images`` table are evaluated (a run over part of a
 data set is evaluated on that part); the report says how many ground-truth images were not in the run.
@@ -249,7 +252,11 @@ def _evaluate_auto(rows_by_image: dict[int, list[dict]], image_ids: list[int], c
                 "segmentation": _to_rle(row["segmentation"]),
                 "score": float(row["score"]),
             })
-    report = {"predictions": len(results), "labels_not_in_ground_truth": unknown_labels}
+    report = {"predictions": len(results), "labels_not_in_ground_truth": unknown_labels,
+              **mask_figures([[_to_rle(row["segmentation"]) for row in rows_by_image.get(image_id, [])]
+                              for image_id in image_ids],
+                             [[coco.annToRLE(ann) for ann in coco.imgToAnns[image_id]]
+                              for image_id in image_ids])}
     if not results:
         report["coco_ap"] = {key: 0.0 for key in COCO_AP_KEYS}
         return report
@@ -264,13 +271,40 @@ def _evaluate_auto(rows_by_image: dict[int, list[dict]], image_ids: list[int], c
     return report
 
 
+MATCH_IOU = 0.5  # COCO's loosest AP threshold: a mask of IoU >= 0.5 with an object "found" it
+
+
+def mask_figures(predicted: list[list[dict]], truth: list[list[dict]]) -> dict:
+    """Class-agnostic figures over images: predicted[i] / truth[i] are image i's COCO RLEs.
+
+    Returns ``recall`` (share of ground-truth objects matched by some mask at IoU >= 0.5, or None without
+    objects), ``unmatched_per_image`` (masks matching no object, per image) and ``empty_masks``.
+    """
+    found = objects = unmatched = empty = 0
+    for dts, gts in zip(predicted, truth):
+        objects += len(gts)
+        empty += sum(1 for rle in dts if mask_utils.area(rle) == 0)
+        if not dts:
+            continue
+        if not gts:
+            unmatched += len(dts)
+            continue
+        iou = np.asarray(mask_utils.iou(dts, gts, [0] * len(gts))).reshape(len(dts), len(gts))
+        found += int((iou.max(axis=0) >= MATCH_IOU).sum())
+        unmatched += int((iou.max(axis=1) < MATCH_IOU).sum())
+    return {"recall": found / objects if objects else None,
+            "unmatched_per_image": unmatched / len(predicted) if predicted else 0.0,
+            "empty_masks": empty}
+
+
 def evaluate(config: EvalConfig) -> dict:
     """Evaluate a label output; return the report (the content of ``eval.json``).
 
     Keys: ``mode`` (``"box"``, ``"point"`` or ``"auto"``), ``images`` (evaluated), ``images_failed``,
     ``images_not_in_run``; prompted: ``overall`` {n, mean_iou, accuracy}, ``per_class`` [{name, n,
     mean_iou, accuracy}], ``missing``, ``unmatched_predictions``, and ``base``/``novel`` with a split;
-    auto: ``coco_ap`` {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}, ``predictions``.
+    auto: ``coco_ap`` {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}, ``predictions``,
+    ``recall``, ``unmatched_per_image``, ``empty_masks`` (see `mask_figures`).
     """
     coco = _load_ground_truth(config.ground_truth)
     images, annotations = _read_tables(config.outputs)
@@ -323,6 +357,9 @@ def format_report(report: dict) -> str:
              f"ground-truth images not in the run {report['images_not_in_run']})"]
     if "coco_ap" in report:
         lines.append("  ".join(f"{key} {value:.3f}" for key, value in report["coco_ap"].items()))
+        lines.append(f"recall@0.5 {fmt(report['recall'])}  masks matching no object per image "
+                     f"{report['unmatched_per_image']:.2f}  empty masks {report['empty_masks']}  "
+                     f"masks {report['predictions']}")
         return "\n".join(lines)
     lines.append(f"{'class':<24}{'n':>7}{'mean IoU':>10}{'accuracy':>10}")
     rows = [(c["name"], c) for c in report["per_class"]]

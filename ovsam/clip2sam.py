@@ -112,6 +112,13 @@ class HeadOutput:
     mask_boxes: torch.Tensor  # [N, 4] boxes of the predicted masks in the input frame (zeros if empty)
     roi_embeddings: torch.Tensor  # [N, E] RoI features projected to CLIP's embedding space
 
+    def select(self, index: torch.Tensor) -> "HeadOutput":
+        return HeadOutput(*(getattr(self, name)[index] for name in self.__dataclass_fields__))
+
+    @staticmethod
+    def concat(parts: list["HeadOutput"]) -> "HeadOutput":
+        return HeadOutput(*(torch.cat([getattr(p, name) for p in parts]) for name in HeadOutput.__dataclass_fields__))
+
 
 class OVSAMHead(nn.Module):
     def __init__(self, config: DecoderConfig, clip_embed_dim: int) -> None:

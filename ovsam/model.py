@@ -17,7 +17,7 @@ from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
 from . import weights as weight_io
-from .clip2sam import FPN, OVSAMHead, classify, clip_region_valid
+from .clip2sam import FPN, HeadOutput, OVSAMHead, classify, clip_region_valid
 from .clip_tower import CLIPTower, resize_logits
 from .config import MODEL_CONFIG_FILE, WEIGHT_ROLES, OVSAMConfig, load_config
 from .fusion import fuse_logits
@@ -117,25 +117,32 @@ class OVSAM(nn.Module):
             point_pair = (points.float(), point_labels)
         return self.prompt_encoder(points=point_pair, boxes=boxes, masks=None)
 
-    def decode(
+    def decode_masks(self, features: ImageFeatures, sparse: torch.Tensor, dense: torch.Tensor,
+                     image_index: torch.Tensor) -> HeadOutput:
+        """The head's masks and RoI embeddings for N prompts, without CLIP's region branch.
+
+        image_index: [N] int64 row of `features` each prompt belongs to. The cheap half of `decode`:
+        automatic mode runs it on every grid prompt and `recognise` only on the masks it keeps.
+        """
+        return self.head(features.embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, image_index,
+                         features.fpn_maps, self.config.image_size)
+
+    def recognise(
         self,
         features: ImageFeatures,
-        sparse: torch.Tensor,
-        dense: torch.Tensor,
+        head: HeadOutput,
         image_index: torch.Tensor,
         class_embeddings: torch.Tensor,
         region_boxes: torch.Tensor | None = None,
         seen: torch.Tensor | None = None,
         excluded: torch.Tensor | None = None,
     ) -> Decoded:
-        """Masks and class scores for N prompts.
+        """Class scores of decoded masks: CLIP's region embedding, both classifiers and the fusion.
 
-        image_index: [N] int64 row of `features` each prompt belongs to. class_embeddings: [K, P, E].
-        region_boxes: [N, 4] input-frame boxes CLIP embeds; None takes the boxes of the predicted masks
-        (for box prompts, pass the prompt boxes, as the release does). seen / excluded: see `fuse_logits`.
+        class_embeddings: [K, P, E]. region_boxes: [N, 4] input-frame boxes CLIP embeds; None takes the
+        boxes of the predicted masks (for box prompts, pass the prompt boxes, as the release does).
+        seen / excluded: see `fuse_logits`.
         """
-        head = self.head(features.embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, image_index,
-                         features.fpn_maps, self.config.image_size)
         if region_boxes is None:
             region_boxes = head.mask_boxes
         coarsest = features.clip_maps[-1]
@@ -149,6 +156,21 @@ class OVSAM(nn.Module):
         fused = fuse_logits(query_logits, clip_logits, valid, self.config.fusion, seen, excluded)
         return Decoded(head.low_res_masks, head.mask_boxes, region_boxes, valid, query_logits, clip_logits,
                        fused)
+
+    def decode(
+        self,
+        features: ImageFeatures,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        image_index: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        region_boxes: torch.Tensor | None = None,
+        seen: torch.Tensor | None = None,
+        excluded: torch.Tensor | None = None,
+    ) -> Decoded:
+        """Masks and class scores for N prompts: `decode_masks` then `recognise` (arguments as there)."""
+        head = self.decode_masks(features, sparse, dense, image_index)
+        return self.recognise(features, head, image_index, class_embeddings, region_boxes, seen, excluded)
 
     def text_fingerprint(self) -> str:
         """Hash of the text tower's weights: the cache key of vocabulary embeddings made with it."""

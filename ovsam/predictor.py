@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .clip2sam import MASK_LOGIT_THRESHOLD, masks_to_boxes
+from .clip2sam import MASK_LOGIT_THRESHOLD, HeadOutput, masks_to_boxes
 from .model import OVSAM, Decoded, ImageFeatures
 from .transforms import ImageFrame, mask_run_lengths, preprocess, upscale_masks, validate_boxes, validate_points
 from .vocabulary import Vocabulary, embed_vocabulary
@@ -182,25 +182,48 @@ class Predictor:
                prompt_type: str, point_labels: np.ndarray | None = None,
                region_boxes: np.ndarray | None = None) -> Decoded:
         """Run validated prompts (original pixels) for image row `image_row` of `features`, in chunks."""
-        device = self.model.device
         chunks = []
         for start in range(0, len(prompts), self.prompt_batch_size):
             part = slice(start, start + self.prompt_batch_size)
-            n = len(prompts[part])
+            labels = None if point_labels is None else point_labels[part]
+            head = self.decode_masks(features, frame, image_row, prompts[part], prompt_type, labels)
+            regions = None if region_boxes is None else np.asarray(region_boxes)[part]
+            chunks.append(self.recognise(features, frame, image_row, head, regions))
+        return Decoded.concat(chunks)
+
+    def decode_masks(self, features: ImageFeatures, frame: ImageFrame, image_row: int, prompts: np.ndarray,
+                     prompt_type: str, point_labels: np.ndarray | None = None) -> HeadOutput:
+        """The head's masks for one chunk of validated prompts (original pixels), without CLIP."""
+        device = self.model.device
+        with self._context():
+            if prompt_type == "box":
+                sparse, dense = self.model.encode_prompts(
+                    boxes=torch.from_numpy(frame.boxes_to_input(prompts)).to(device))
+            else:
+                labels = None if point_labels is None else torch.as_tensor(point_labels, device=device)
+                sparse, dense = self.model.encode_prompts(
+                    points=torch.from_numpy(frame.points_to_input(prompts)).to(device), point_labels=labels)
+            index = torch.full((len(prompts),), image_row, dtype=torch.int64, device=device)
+            return self.model.decode_masks(features, sparse, dense, index)
+
+    def recognise(self, features: ImageFeatures, frame: ImageFrame, image_row: int, head: HeadOutput,
+                  region_boxes: np.ndarray | None = None) -> Decoded:
+        """Labels of decoded masks (CLIP region branch + fusion), in chunks of `prompt_batch_size`.
+
+        region_boxes: [N, 4] xyxy original pixels for CLIP to embed; default the boxes of the masks.
+        """
+        device = self.model.device
+        chunks = []
+        # At least one (possibly empty) chunk, so that no candidates give an empty Decoded.
+        for start in range(0, max(1, len(head.low_res_masks)), self.prompt_batch_size):
+            part = slice(start, start + self.prompt_batch_size)
             with self._context():
-                if prompt_type == "box":
-                    sparse, dense = self.model.encode_prompts(
-                        boxes=torch.from_numpy(frame.boxes_to_input(prompts[part])).to(device))
-                else:
-                    labels = None if point_labels is None else torch.as_tensor(point_labels[part], device=device)
-                    sparse, dense = self.model.encode_prompts(
-                        points=torch.from_numpy(frame.points_to_input(prompts[part])).to(device),
-                        point_labels=labels)
                 regions = None if region_boxes is None else \
                     torch.from_numpy(frame.boxes_to_input(np.asarray(region_boxes)[part])).to(device)
-                index = torch.full((n,), image_row, dtype=torch.int64, device=device)
-                chunks.append(self.model.decode(features, sparse, dense, index, self.class_embeddings,
-                                                region_boxes=regions, seen=self.seen))
+                chunk = head.select(part)
+                index = torch.full((len(chunk.low_res_masks),), image_row, dtype=torch.int64, device=device)
+                chunks.append(self.model.recognise(features, chunk, index, self.class_embeddings,
+                                                   region_boxes=regions, seen=self.seen))
         return Decoded.concat(chunks)
 
     def to_prediction(self, decoded: Decoded, frame: ImageFrame, prompt_type: str,

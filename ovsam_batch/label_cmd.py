@@ -6,12 +6,16 @@ import os
 
 import click
 
+from ovsam.automatic import AutomaticConfig
 from pipelines.config import MODES, ConfigError, LabelConfig
 from pipelines.storage import STORAGE_ATTEMPTS
 
 # The models a fresh machine can run offline: the small model trained on synthetic shapes when the package
 # ships it, else the seeded random-weight preset (every output made with it is marked untrained).
 TRAINED_OFFLINE_PRESET, UNTRAINED_OFFLINE_PRESET = "shapes", "tiny"
+
+
+_AUTO = AutomaticConfig()  # the defaults of automatic mode's options
 
 
 def _default_preset() -> str:
@@ -65,8 +69,20 @@ def _parse_weights(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str]
 @click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", show_envvar=True,
               help="S3-compatible endpoint (MinIO, Ceph...), e.g. http://127.0.0.1:9000. Credentials come from "
                    "the standard AWS chain (env, ~/.aws, instance role), never from options.")
-@click.option("--points-per-side", type=int, default=32, show_default=True,
+@click.option("--points-per-side", type=click.IntRange(min=1), default=_AUTO.points_per_side, show_default=True,
               help="Auto mode: the point grid is N×N prompts per image (e.g. 8 for a quick try).")
+@click.option("--stability", type=click.FloatRange(0, 1), default=_AUTO.stability, show_default=True,
+              help="Auto mode: minimum SAM stability score of a mask (IoU of the mask at logit -1 and +1, on the "
+                   "model's 256² logits); lower finds more objects and more fragments.")
+@click.option("--min-area", type=click.IntRange(min=1), default=_AUTO.min_area, show_default=True,
+              help="Auto mode: minimum mask area in pixels of the image as stored; no written mask is smaller.")
+@click.option("--nms-iou", type=click.FloatRange(0, 1, min_open=True), default=_AUTO.nms_iou, show_default=True,
+              help="Auto mode: a mask overlapping a better one by more mask IoU than this, or lying inside it "
+                   "for more than this share of its area, is dropped as a duplicate or fragment.")
+@click.option("--max-background", type=click.FloatRange(0, 1), default=_AUTO.max_background, show_default=True,
+              help="Auto mode: drop masks whose probability of being background (no class) is above this.")
+@click.option("--max-objects", type=click.IntRange(min=1), default=_AUTO.max_objects, show_default=True,
+              help="Auto mode: keep at most this many masks per image, the best first.")
 @click.option("--top-k", type=int, default=5, show_default=True, help="Ranked labels kept per object.")
 @click.option("--storage-attempts", type=int, default=STORAGE_ATTEMPTS, show_default=True,
               help="Tries per storage request (reads, listings, writes) on throttling, 5xx, resets and timeouts, "
@@ -75,7 +91,8 @@ def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabula
           weights: tuple[tuple[str, str], ...], coco: bool, address: str | None, gpus_per_worker: float,
           workers: int | None, batch_size: int, part_size: int,
           flush_interval: float, limit: int | None, endpoint_url: str | None,
-          points_per_side: int, top_k: int, storage_attempts: int) -> None:
+          points_per_side: int, stability: float, min_area: int, nms_iou: float, max_background: float,
+          max_objects: int, top_k: int, storage_attempts: int) -> None:
     """Segment and name the objects of every image in INPUT; write Parquet tables (and COCO JSON) to OUTPUT.
 
     INPUT is a local folder, a file:// or s3:// (any fsspec) prefix with an optional glob, or a manifest
@@ -95,8 +112,9 @@ def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabula
             input=input_spec, output=output, mode=mode, prompts=prompts, vocabulary=vocabulary, preset=preset,
             weights=weights, coco=coco, address=address, gpus_per_worker=gpus_per_worker, workers=workers,
             batch_size=batch_size, part_size=part_size, flush_interval=flush_interval,
-            limit=limit, endpoint_url=endpoint_url, points_per_side=points_per_side,
-            top_k=top_k, storage_attempts=storage_attempts)
+            limit=limit, endpoint_url=endpoint_url, top_k=top_k, storage_attempts=storage_attempts,
+            automatic=AutomaticConfig(points_per_side=points_per_side, stability=stability, min_area=min_area,
+                                      nms_iou=nms_iou, max_background=max_background, max_objects=max_objects))
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
 

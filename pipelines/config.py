@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from ovsam.automatic import AutomaticConfig
 from ovsam.redaction import redact_uri
 from pipelines.storage import STORAGE_ATTEMPTS, nested_location
 
@@ -50,7 +51,7 @@ class LabelConfig:
     flush_interval: float = 60.0
     limit: int | None = None
     endpoint_url: str | None = None
-    points_per_side: int = 32
+    automatic: AutomaticConfig = dataclasses.field(default_factory=AutomaticConfig)
     top_k: int = 5
     storage_attempts: int = STORAGE_ATTEMPTS
 
@@ -70,7 +71,7 @@ class LabelConfig:
             raise ConfigError(f"--flush-interval must be > 0 seconds, got {self.flush_interval}")
         for name, value, low in (("--workers", self.workers, 1), ("--batch-size", self.batch_size, 1),
                                  ("--part-size", self.part_size, 1),
-                                 ("--limit", self.limit, 1), ("--points-per-side", self.points_per_side, 1),
+                                 ("--limit", self.limit, 1),
                                  ("--top-k", self.top_k, 1), ("--storage-attempts", self.storage_attempts, 1)):
             if value is not None and value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")

@@ -31,7 +31,8 @@ from schemas.tables import ANNOTATIONS_DIR, COCO_FILE, IMAGES_DIR, RUN_FILE, SCH
 
 # Settings that change what a label means: a re-run into an output written with other values would mix
 # two kinds of labels in one table, so it is refused.
-_LABEL_SETTINGS = ("mode", "preset", "weights", "vocabulary", "prompts", "points_per_side", "top_k")
+_LABEL_SETTINGS = ("mode", "preset", "weights", "vocabulary", "prompts", "top_k")
+_AUTOMATIC_SETTINGS = ("automatic",)  # the filters of automatic mode: compared only in that mode
 # Blocks of the input listing hold this many batches: small enough that work spreads over the decode
 # actors from the start, large enough that a million inputs are not a million scheduler objects.
 _BATCHES_PER_BLOCK = 4
@@ -311,7 +312,8 @@ def _check_same_settings(store: OutputStore, config: LabelConfig) -> None:
     if previous is None:
         return
     current = config.public_dict()
-    differing = [key for key in _LABEL_SETTINGS if previous["config"].get(key) != current[key]]
+    keys = _LABEL_SETTINGS + (_AUTOMATIC_SETTINGS if config.mode == "auto" else ())
+    differing = [key for key in keys if previous["config"].get(key) != current[key]]
     if differing:
         raise OutputError(
             f"{redact_uri(config.output)} holds labels made with other settings ({', '.join(differing)} differ "

@@ -120,8 +120,7 @@ class LabelImages:
         self.model = ovsam.load_model(config.preset, weights=dict(config.weights) or None)
         self.label_names = vocabulary.names
         self.predictor = ovsam.Predictor(self.model, vocabulary, top_k=config.top_k)
-        self.labeller = (ovsam.AutomaticLabeller(self.predictor,
-                                                 ovsam.AutomaticConfig(points_per_side=config.points_per_side))
+        self.labeller = (ovsam.AutomaticLabeller(self.predictor, config.automatic)
                          if config.mode == "auto" else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -189,19 +189,39 @@ def test_point_prompts_take_clip_regions_from_the_masks(tiny, predictor, image):
 
 
 def test_automatic_mode_outputs_respect_its_filters(predictor, image):
-    config = ovsam.AutomaticConfig(points_per_side=6, stability_score_thresh=0.0, max_background_prob=1.0,
-                                   nms_iou_thresh=0.5, max_objects=10)
+    config = ovsam.AutomaticConfig(points_per_side=6, stability=0.0, max_background=1.0, nms_iou=0.5,
+                                   min_area=50, max_objects=10)
     prediction = ovsam.AutomaticLabeller(predictor, config).generate(image)
     assert prediction.prompt_type == "grid"
     assert 1 <= len(prediction) <= 10
     assert prediction.prompts.shape == (len(prediction), 2)
-    boxes = torch.from_numpy(prediction.boxes)
-    from torchvision.ops import box_iou
-    overlap = box_iou(boxes, boxes).fill_diagonal_(0)
-    # NMS runs on the low-resolution mask boxes; at full resolution they can grow by a few pixels.
-    assert float(overlap.max()) <= 0.6
-    strict = ovsam.AutomaticLabeller(predictor, ovsam.AutomaticConfig(points_per_side=6, max_background_prob=0.0))
+    masks = torch.from_numpy(prediction.masks).flatten(1).float()
+    areas = masks.sum(dim=1)
+    assert float(areas.min()) >= 50  # at the resolution the masks are stored at
+    inter = masks @ masks.T
+    iou = (inter / (areas[:, None] + areas[None, :] - inter)).fill_diagonal_(0)
+    # NMS runs on the low-resolution masks; at full resolution the overlap can differ by boundary pixels.
+    assert float(iou.max()) <= 0.55
+    strict = ovsam.AutomaticLabeller(predictor, ovsam.AutomaticConfig(points_per_side=6, max_background=0.0))
     assert len(strict.generate(image)) == 0  # nothing is certainly an object: everything is filtered
+
+
+def test_mask_nms_drops_duplicates_and_fragments_keeps_separate_objects():
+    from ovsam.automatic import mask_nms
+    masks = torch.zeros(4, 20, 20, dtype=torch.bool)
+    masks[0, 2:12, 2:12] = True  # best: an object
+    masks[1, 3:13, 2:12] = True  # a near-duplicate of it (IoU 0.82, 90 % inside it)
+    masks[2, 4:8, 4:8] = True  # a fragment inside it (IoU 0.16, fully covered)
+    masks[3, 12:18, 12:18] = True  # a separate object
+    assert mask_nms(masks, 0.5).tolist() == [0, 3]
+    assert mask_nms(masks, 0.95).tolist() == [0, 1, 3]  # the fragment is still inside more than 95 %
+
+
+def test_automatic_config_names_the_bad_setting():
+    with pytest.raises(ValueError, match="min_area"):
+        ovsam.AutomaticConfig(min_area=0)
+    with pytest.raises(ValueError, match="stability"):
+        ovsam.AutomaticConfig(stability=1.5)
 
 
 def test_model_package_does_not_pull_in_ray_or_storage():

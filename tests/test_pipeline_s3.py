@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools.coco import COCO
 
+from ovsam.automatic import AutomaticConfig
 from pipelines.config import LabelConfig
 from pipelines.label import run_label
 from pipelines.output import OutputStore
@@ -61,7 +62,7 @@ def _assert_no_secrets(store: OutputStore) -> None:
 def test_auto_mode_accounts_for_every_input(ray_cluster, input_bucket):
     bucket, cases = input_bucket
     config = LabelConfig(input=f"{bucket}/images", output=f"{bucket}/out-auto", mode="auto",
-                         points_per_side=TEST_POINTS_PER_SIDE, batch_size=4, coco=True)
+                         automatic=AutomaticConfig(points_per_side=TEST_POINTS_PER_SIDE), batch_size=4, coco=True)
     summary = run_label(config, show_progress=False)
 
     store = OutputStore(config.output)

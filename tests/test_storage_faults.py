@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from ovsam_batch.label_cmd import label as label_command
+from ovsam.automatic import AutomaticConfig
 from pipelines.config import LabelConfig
 from pipelines.label import LabelError, run_label
 from pipelines.output import LEASE_FILE, Lease, OutputError, OutputStore
@@ -213,7 +214,7 @@ def test_one_run_per_output_a_live_lease_refuses_a_stale_one_is_taken_over(ray_c
     output = str(tmp_path / "out") if where == "local" else f"{s3_server.make_bucket('lease-' + where)}/out"
     (tmp_path / "images").mkdir()
     shapes_image(1, 32, 32).save(tmp_path / "images" / "a.jpg")
-    config = LabelConfig(input=str(tmp_path / "images"), output=output, points_per_side=2)
+    config = LabelConfig(input=str(tmp_path / "images"), output=output, automatic=AutomaticConfig(points_per_side=2))
     store = OutputStore(output)
 
     held = Lease(store)

@@ -263,7 +263,7 @@ RUN_HEADLINE = (
     ("summary.seconds", "seconds (last run)"), ("summary.images_per_second", "images/s (last run)"),
     ("model.name", "model"), ("model.trained", "trained weights"), ("config.mode", "mode"),
     ("vocabulary.name", "vocabulary"), ("config.input", "input"), ("config.prompts", "prompts"),
-    ("config.points_per_side", "points per side"),
+    ("config.automatic.points_per_side", "points per side"),
 )
 
 
@@ -272,7 +272,7 @@ def _run_html(run: dict) -> str:
     fields = dict(_flatten(run))
     automatic = fields.get("config.mode") == "auto"
     rows = [(esc(name), esc(fields[key])) for key, name in RUN_HEADLINE
-            if key in fields and (automatic or key != "config.points_per_side")]
+            if key in fields and (automatic or not key.startswith("config.automatic."))]
     vocabulary = (run.get("vocabulary") or {}).get("names")
     if isinstance(vocabulary, list):
         rows.append(("classes", fmt_int(len(vocabulary))))
