@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ovsam-batch label examples/images --output demo-output --mode box --prompts examples/boxes.json --coco
+	$(VENV)/bin/ovsam-batch label examples/images --output demo-output --coco
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -93,6 +93,7 @@ def bare_loop(paths: list[Path], boxes: dict[str, np.ndarray], preset: str, mode
 
 def pipeline_run(images: Path, prompts: Path, output: Path, preset: str, mode: str, points_per_side: int,
                  batch_size: int, limit: int | None) -> float:
+    import ovsam
     from pipelines.config import LabelConfig
     from pipelines.label import run_label
 
