@@ -85,8 +85,10 @@ class MultiLevelRoIAlign(nn.Module):
         for level, (feat, stride) in enumerate(zip(feats, self.strides)):
             chosen = (levels == level).nonzero(as_tuple=True)[0]
             if chosen.numel():
-                out[chosen] = roi_align(feat, rois[chosen].to(feat.dtype), self.output_size,
-                                        spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
+                # RoI coordinates stay float32 whatever the maps' dtype: bf16 has 8 significant bits, so
+                # it would round x = 1001.3 to 1000 (torchvision's autocast rule runs the op in float32).
+                out[chosen] = roi_align(feat.float(), rois[chosen].float(), self.output_size,
+                                        spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True).to(out.dtype)
         return out
 
 

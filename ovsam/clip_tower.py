@@ -92,8 +92,9 @@ class CLIPTower(nn.Module):
         visual = self.model.visual
         if self.is_resnet:
             stride = CLIP_STRIDES[-1]
-            crops = roi_align(coarsest_map, boxes, output_size=self.region_grid, spatial_scale=1.0 / stride,
-                              sampling_ratio=0, aligned=True)
+            # In float32 (maps and boxes): box coordinates in bf16 would be off by up to 4 input pixels.
+            crops = roi_align(coarsest_map.float(), boxes.float(), output_size=self.region_grid,
+                              spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
             return visual.attnpool(crops)
         image_index = boxes[:, 0].long()
         weights = (mask_logits > 0).to(coarsest_map.dtype)

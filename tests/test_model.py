@@ -255,3 +255,17 @@ def test_convnext_clip_tower_variant(tmp_path, image):
     predictor.set_image(image)
     prediction = predictor.predict(boxes=np.array([[10, 10, 100, 100]], np.float32))
     assert prediction.masks.shape == (1, 240, 320) and np.isfinite(prediction.scores).all()
+
+
+def test_roi_coordinates_stay_float32_with_bf16_maps():
+    """bf16 rounds 1001.3 to 1000: RoIs must be aligned with float32 coordinates whatever the maps' dtype."""
+    from ovsam.clip2sam import MultiLevelRoIAlign
+    torch.manual_seed(0)
+    maps = [torch.randn(1, 4, 1024 // s, 1024 // s).bfloat16() for s in (4, 8, 16, 32)]
+    rois = torch.tensor([[0, 1001.3, 3.7, 1017.9, 20.1], [0, 10.5, 700.3, 1001.3, 1020.6]])
+    extractor = MultiLevelRoIAlign(output_size=3, finest_scale=56)
+    ours = extractor(maps, rois).float()
+    reference = extractor([m.float() for m in maps], rois)
+    torch.testing.assert_close(ours, reference, atol=1e-2, rtol=1e-2)  # bf16 output rounding only
+    rounded = extractor([m.float() for m in maps], rois.bfloat16().float())
+    assert (rounded - reference).abs().max() > 0.05  # the test would see the rounding
