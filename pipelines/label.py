@@ -27,7 +27,7 @@ from pipelines.predict import CrashLedger, LabelImages, model_task_retries
 from pipelines.prompts import load_box_prompts
 from ovsam.redaction import redact_uri
 from pipelines.storage import RETRY_HINT, InputListing, error_reason, is_transient, list_inputs
-from schemas.tables import ANNOTATIONS_DIR, COCO_FILE, IMAGES_DIR, RUN_FILE, SCHEMA_VERSION
+from schemas.tables import ANNOTATIONS_DIR, COCO_DIR, IMAGES_DIR, RUN_FILE, SCHEMA_VERSION
 
 # Settings that change what a label means: a re-run into an output written with other values would mix
 # two kinds of labels in one table, so it is refused.
@@ -156,8 +156,8 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
             info = {"description": f"ovsam-batch labels, model {model.name}"
                                    + ("" if model.trained else " (UNTRAINED: random weights, labels carry no meaning)"),
                     "date_created": _now(), "schema_version": SCHEMA_VERSION}
-            store.write_coco(list(vocabulary.names), info)
-            outputs["coco"] = store.url(COCO_FILE)
+            written = store.write_coco(list(vocabulary.names), info)
+            outputs["coco"] = store.url(written[0] if len(written) == 1 else COCO_DIR)
     except Exception as err:  # noqa: BLE001 - a storage fault that outlasted the retries, here or in a worker
         message = _failure_message(config, err)
         if message is None:

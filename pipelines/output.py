@@ -7,7 +7,8 @@ Layout under OUTPUT (readers: `schemas.committed`)::
     _staging/<id>/                  a part being written or published (hidden: `_` prefix, outside the tables)
     run.json                        the last run: config (no secrets), model, vocabulary, counts, time, status
     _lease.json                     the running run's lease (one writing run per output, see `Lease`)
-    coco.json                       COCO export of all parts (with --coco)
+    coco.json                       COCO export of all parts (with --coco), up to COCO_SHARD_IMAGES images
+    coco/part-<n>.json              the same export in shards of COCO_SHARD_IMAGES images, for larger outputs
 
 Commit protocol of one part (each file write is atomic: temp + rename locally, one PUT on object stores):
 
@@ -32,6 +33,7 @@ import dataclasses
 import datetime
 import io
 import json
+import math
 import logging
 import os
 import posixpath
@@ -51,10 +53,10 @@ from pipelines.predict import deserialize
 from ovsam.redaction import redact_uri
 from pipelines.storage import (RETRY_HINT, STORAGE_ATTEMPTS, create_exclusive, error_reason, is_local, is_transient,
                                join, open_for_publish, open_fs, publish_bytes)
-from schemas.coco import CocoCounts, write_coco
+from schemas.coco import write_coco
 from schemas.committed import CommittedTables, part_file
-from schemas.tables import (ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, COCO_FILE, IMAGES_DIR, IMAGES_SCHEMA, RUN_FILE,
-                           STAGING_DIR, STATUS_OK, SchemaError, validate)
+from schemas.tables import (ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, COCO_DIR, COCO_FILE, COCO_SHARD_IMAGES, IMAGES_DIR,
+                           IMAGES_SCHEMA, RUN_FILE, STAGING_DIR, STATUS_OK, SchemaError, validate)
 
 RUN_METADATA_KEY = b"ovsam_batch.run"
 # A part is published at this many bytes of buffered Arrow data at the latest, whatever --part-size says:
@@ -122,12 +124,52 @@ class OutputStore:
     def write_run_record(self, record: dict) -> None:
         publish_bytes(self.fs, self.path(RUN_FILE), json.dumps(record, indent=2).encode())
 
-    def write_coco(self, label_names: list[str], info: dict) -> CocoCounts:
-        """Publish coco.json built from every committed part (streamed; one part in memory at a time)."""
-        ids = self.tables.part_ids()
-        with open_for_publish(self.fs, self.path(COCO_FILE), "wt") as out:
-            return write_coco(out, (self.read_table(IMAGES_DIR, [i]) for i in ids),
-                              (self.read_table(ANNOTATIONS_DIR, [i]) for i in ids), label_names, info)
+    def write_coco(self, label_names: list[str], info: dict, shard_images: int = COCO_SHARD_IMAGES) -> list[str]:
+        """Publish the COCO export of every committed part; return the files written (relative to the output).
+
+        Up to ``shard_images`` ok images: one ``coco.json``. More: ``coco/part-<n>.json`` shards of at most
+        ``shard_images`` images each, every one a COCO document of its own (all categories; image ids unique
+        across shards). Memory holds one shard's rows. The export of the other form, or shards beyond the new
+        count left by an earlier export, are removed so that what is there is one export of one state.
+        """
+        ok_images = self.status_counts()[0][STATUS_OK]
+        single = ok_images <= shard_images
+        count = max(1, math.ceil(ok_images / shard_images))
+        names = [COCO_FILE] if single else [join(COCO_DIR, f"part-{n:05d}.json") for n in range(count)]
+        shards = self._coco_shards(shard_images)  # a generator: one shard's rows in memory at a time
+        first_image_id = 1
+        for n, name in enumerate(names):
+            pieces = next(shards, [])
+            shard_info = info if single else {**info, "shard": n, "shards": count}
+            with open_for_publish(self.fs, self.path(name), "wt") as out:
+                counts = write_coco(out, (images for images, _ in pieces), (annotations for _, annotations in pieces),
+                                    label_names, shard_info, first_image_id)
+            first_image_id += counts.images
+        stale = [] if single else [self.path(COCO_FILE)]
+        if self.fs.exists(self.path(COCO_DIR)):
+            stale += [p for p in self.fs.find(self.path(COCO_DIR)) if p not in {self.path(n) for n in names}]
+        for path in stale:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        return names
+
+    def _coco_shards(self, shard_images: int):
+        """Lists of (images, annotations) tables holding at most ``shard_images`` ok images each, part by part."""
+        shard, room = [], shard_images
+        for part_id in self.tables.part_ids():
+            images = self.read_table(IMAGES_DIR, [part_id])
+            images = images.filter(pc.equal(images.column("status"), STATUS_OK))
+            annotations = self.read_table(ANNOTATIONS_DIR, [part_id])
+            while images.num_rows:
+                piece, images = images.slice(0, room), images.slice(room)
+                mine = pc.is_in(annotations.column("image_uri"), value_set=piece.column("image_uri"))
+                shard.append((piece, annotations.filter(mine)))
+                room -= piece.num_rows
+                if room == 0:
+                    yield shard
+                    shard, room = [], shard_images
+        if shard:
+            yield shard
 
     def _staged(self, part_id: str, table: str) -> str:
         return self.path(STAGING_DIR, part_id, _STAGED[table])

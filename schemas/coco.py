@@ -3,7 +3,7 @@
 Mapping (loads in ``pycocotools.coco.COCO``; masks decode bit-exactly to the Parquet RLE):
 
 * ``categories``: one per vocabulary class, ``id = label_id + 1`` (COCO ids start at 1), ``name`` = label.
-* ``images``: the ``images`` rows with ``status == "ok"``, ``id`` = 1, 2, ... in table order,
+* ``images``: the ``images`` rows with ``status == "ok"``, ``id`` = 1, 2, ... in table order (across shards),
   ``file_name`` = ``image_uri``, ``width``/``height`` after EXIF orientation. Error rows stay in Parquet.
 * ``annotations``: ``id`` = ``annotation_id``; ``bbox``, ``area``, ``segmentation`` (compressed RLE, counts as
   ASCII text) as in Parquet; ``iscrowd`` 0; ``score`` the label's probability (what ``COCO.loadRes`` and
@@ -33,10 +33,11 @@ class CocoCounts:
 
 
 def write_coco(out: TextIO, images: Iterable[pa.Table], annotations: Iterable[pa.Table],
-               label_names: Sequence[str], info: dict) -> CocoCounts:
+               label_names: Sequence[str], info: dict, first_image_id: int = 1) -> CocoCounts:
     """Write one COCO JSON document to ``out`` from ``images`` then ``annotations`` tables (label-table schemas).
 
-    ``label_names[i]`` is the class of ``label_id`` i; ``info`` becomes the document's ``info`` object.
+    ``label_names[i]`` is the class of ``label_id`` i; ``info`` becomes the document's ``info`` object. Image ids
+    count from ``first_image_id``, so that the shards of one export never share an id.
     Raises ValueError for an annotation whose image has no ``ok`` row, or a repeated annotation id.
     """
     out.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": ')
@@ -49,7 +50,7 @@ def write_coco(out: TextIO, images: Iterable[pa.Table], annotations: Iterable[pa
         for row in table.select(["image_uri", "width", "height", "status"]).to_pylist():
             if row["status"] != STATUS_OK:
                 continue
-            image_ids[row["image_uri"]] = len(image_ids) + 1
+            image_ids[row["image_uri"]] = len(image_ids) + first_image_id
             out.write(("," if len(image_ids) > 1 else "") + json.dumps(
                 {"id": image_ids[row["image_uri"]], "file_name": row["image_uri"],
                  "width": row["width"], "height": row["height"]}))

@@ -25,7 +25,11 @@ IMAGES_DIR = "images"  # Parquet parts of the images table
 ANNOTATIONS_DIR = "annotations"  # Parquet parts of the annotations table, one per images part
 STAGING_DIR = "_staging"  # parts being written or published; table readers ignore `_`-prefixed paths
 RUN_FILE = "run.json"  # the last run's settings (no secrets), model, vocabulary, counts
-COCO_FILE = "coco.json"  # COCO instances export, on request
+COCO_FILE = "coco.json"  # COCO instances export, on request, for outputs of at most COCO_SHARD_IMAGES images
+COCO_DIR = "coco"  # the export of larger outputs: coco/part-<n>.json of at most COCO_SHARD_IMAGES images each
+# Images per COCO JSON: at ~64 masks an image (automatic mode) a shard is a few hundred MB of JSON, about what
+# pycocotools loads in a minute and a few GB of Python objects; larger outputs are written as shards.
+COCO_SHARD_IMAGES = 10_000
 EVAL_FILE = "eval.json"  # written by `ovsam-batch eval`
 
 STATUS_OK = "ok"

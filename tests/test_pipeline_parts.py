@@ -282,3 +282,33 @@ def test_manifest_paths_are_normalised_so_one_image_has_one_uri(tmp_path):
     expected = f"file://{tmp_path}/repo/a.jpg"
     assert list_inputs(str(tmp_path / "man" / "list.txt")).uris == (expected,)
     assert list_inputs(f"{tmp_path}/man/../repo").uris == (expected,)
+
+
+def test_coco_export_is_sharded_beyond_the_line_and_every_shard_loads(tmp_path):
+    from pycocotools.coco import COCO
+
+    store = OutputStore(str(tmp_path / "out"))
+    uris = [f"{i}.jpg" for i in range(7)]
+    for part in (uris[:3], uris[3:]):  # two parts of 3 and 4 images: shards cut across parts
+        annotations = AnnotationColumns.empty()
+        for uri in part:
+            annotations.extend(AnnotationColumns.from_prediction(uri, random_prediction(len(uri), 8, 8, 2), LABELS))
+        store.write_part(_images_rows(part), annotations.to_table(), {})
+
+    assert store.write_coco(list(LABELS), {}, shard_images=10) == ["coco.json"]
+    assert len(COCO(store.path("coco.json")).imgs) == 7
+
+    names = store.write_coco(list(LABELS), {}, shard_images=3)
+    assert names == ["coco/part-00000.json", "coco/part-00001.json", "coco/part-00002.json"]
+    assert not store.fs.exists(store.path("coco.json"))  # one export at a time
+    shards = [COCO(store.path(name)) for name in names]
+    assert [len(shard.imgs) for shard in shards] == [3, 3, 1]
+    image_ids = [i for shard in shards for i in shard.imgs]
+    assert sorted(image_ids) == list(range(1, 8))  # unique across shards
+    assert sorted(img["file_name"] for shard in shards for img in shard.imgs.values()) == sorted(uris)
+    for shard in shards:  # each shard holds exactly the annotations of its images
+        assert len(shard.anns) == 2 * len(shard.imgs)
+        assert all(ann["image_id"] in shard.imgs for ann in shard.anns.values())
+
+    assert store.write_coco(list(LABELS), {}, shard_images=10) == ["coco.json"]
+    assert not store.fs.exists(store.path("coco")) or store.fs.find(store.path("coco")) == []
