@@ -7,7 +7,7 @@ import os
 import click
 
 from ovsam.automatic import AutomaticConfig
-from pipelines.config import MODES, ConfigError, LabelConfig
+from pipelines.config import MODES, ConfigError, LabelConfig, load_runtime_env
 from pipelines.storage import STORAGE_ATTEMPTS
 
 # The models a fresh machine can run offline: the small model trained on synthetic shapes when the package
@@ -54,6 +54,9 @@ def _parse_weights(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str]
 @click.option("--coco", is_flag=True, help="Also write OUTPUT/coco.json (COCO instances, loads in pycocotools).")
 @click.option("--address", help="Ray cluster to join: 'auto' or 'ray://head:10001'. Default: start a local Ray "
                                 "for the run.")
+@click.option("--runtime-env", type=click.Path(exists=True, dir_okay=False),
+              help="JSON file with a Ray runtime_env for the run's workers, e.g. {\"pip\": [\"ovsam-batch==0.1\"]} "
+                   "to install the package on every node of an --address cluster.")
 @click.option("--gpus-per-worker", type=float, default=1.0, show_default=True,
               help="GPUs per model worker when the cluster has GPUs (e.g. 0.5 puts two workers on a GPU).")
 @click.option("--workers", type=int, help="Model workers. Default: one per GPU (by --gpus-per-worker), else 1.")
@@ -88,7 +91,8 @@ def _parse_weights(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str]
               help="Tries per storage request (reads, listings, writes) on throttling, 5xx, resets and timeouts, "
                    "with exponential backoff and jitter; e.g. 20 for a flaky store.")
 def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabulary: str | None, preset: str,
-          weights: tuple[tuple[str, str], ...], coco: bool, address: str | None, gpus_per_worker: float,
+          weights: tuple[tuple[str, str], ...], coco: bool, address: str | None, runtime_env: str | None,
+          gpus_per_worker: float,
           workers: int | None, batch_size: int, part_size: int,
           flush_interval: float, limit: int | None, endpoint_url: str | None,
           points_per_side: int, stability: float, min_area: int, nms_iou: float, max_background: float,
@@ -110,7 +114,9 @@ def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabula
     try:
         config = LabelConfig(
             input=input_spec, output=output, mode=mode, prompts=prompts, vocabulary=vocabulary, preset=preset,
-            weights=weights, coco=coco, address=address, gpus_per_worker=gpus_per_worker, workers=workers,
+            weights=weights, coco=coco, address=address,
+            runtime_env=load_runtime_env(runtime_env) if runtime_env else None, gpus_per_worker=gpus_per_worker,
+            workers=workers,
             batch_size=batch_size, part_size=part_size, flush_interval=flush_interval,
             limit=limit, endpoint_url=endpoint_url, top_k=top_k, storage_attempts=storage_attempts,
             automatic=AutomaticConfig(points_per_side=points_per_side, stability=stability, min_area=min_area,

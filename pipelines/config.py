@@ -30,7 +30,8 @@ class LabelConfig:
     ``batch_size``: images per model call. ``part_size``: a writer publishes a part once it holds this many images
     (less than a batch more), or `pipelines.output.PART_MAX_BYTES`. ``flush_interval``: seconds after which a writer publishes
     what it holds, whatever its size (what a kill can lose per writer). ``limit``: label only the first N inputs
-    (sorted), for trying a command. ``endpoint_url``: S3-compatible endpoint (else ``AWS_ENDPOINT_URL`` or AWS).
+    (sorted), for trying a command. ``runtime_env``: Ray runtime_env for the run's workers
+    (`load_runtime_env`). ``endpoint_url``: S3-compatible endpoint (else ``AWS_ENDPOINT_URL`` or AWS).
     ``storage_attempts``: tries per storage request (read, listing, write) before a transient fault counts as
     outlasting the retries (`pipelines.storage.storage_options`).
     """
@@ -44,6 +45,7 @@ class LabelConfig:
     weights: tuple[tuple[str, str], ...] = ()
     coco: bool = False
     address: str | None = None
+    runtime_env: dict | None = None
     gpus_per_worker: float = 1.0
     workers: int | None = None
     batch_size: int = 8
@@ -85,4 +87,22 @@ class LabelConfig:
             if values[key]:
                 values[key] = redact_uri(values[key])
         values["weights"] = {part: redact_uri(source) for part, source in self.weights}
+        # env_vars or pip index URLs may hold secrets: only which fields were set is recorded.
+        values["runtime_env"] = sorted(self.runtime_env) if self.runtime_env else None
         return values
+
+
+def load_runtime_env(path: str) -> dict:
+    """A Ray ``runtime_env`` from a JSON file, e.g. ``{"pip": ["ovsam-batch @ s3://.../ovsam_batch.whl"]}`` or
+    ``{"working_dir": ".", "pip": ["-e ."]}``: what Ray installs on every node before the run's workers start."""
+    import json
+
+    try:
+        with open(path) as source:
+            env = json.load(source)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--runtime-env {path}: cannot read it as JSON: {err}") from None
+    if not isinstance(env, dict):
+        raise ConfigError(f"--runtime-env {path} must hold a JSON object (Ray runtime_env fields), "
+                          f"not {type(env).__name__}")
+    return env

@@ -339,10 +339,13 @@ class _ray_session:
     def __enter__(self):
         if not ray.is_initialized():
             if self.config.address:
-                ray.init(address=self.config.address)
+                ray.init(address=self.config.address, runtime_env=self.config.runtime_env)
             else:
-                ray.init(include_dashboard=False, logging_level="WARNING")
+                ray.init(include_dashboard=False, logging_level="WARNING", runtime_env=self.config.runtime_env)
             self.owned = True
+        elif self.config.runtime_env:
+            raise LabelError("--runtime-env applies when the run starts or joins Ray, but Ray is already "
+                             "running in this process: pass the runtime_env to its ray.init instead")
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # our own bar below: images, errors, images/s
         context.print_on_execution_start = False

@@ -18,7 +18,7 @@ def test_help_documents_every_option_with_an_example():
     assert result.exit_code == 0
     options = set(re.findall(r"--[a-z][a-z-]+", result.output))
     for option in ("--output", "--mode", "--prompts", "--vocabulary", "--preset", "--weights", "--coco", "--address",
-                   "--gpus-per-worker", "--workers", "--batch-size", "--limit", "--endpoint-url",
+                   "--runtime-env", "--gpus-per-worker", "--workers", "--batch-size", "--limit", "--endpoint-url",
                    "--points-per-side", "--top-k"):
         assert option in options
     assert "ovsam-batch label examples/images --output demo-output --coco" in result.output

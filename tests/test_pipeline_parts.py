@@ -312,3 +312,19 @@ def test_coco_export_is_sharded_beyond_the_line_and_every_shard_loads(tmp_path):
 
     assert store.write_coco(list(LABELS), {}, shard_images=10) == ["coco.json"]
     assert not store.fs.exists(store.path("coco")) or store.fs.find(store.path("coco")) == []
+
+
+def test_runtime_env_is_read_from_json_and_its_values_stay_out_of_run_json(tmp_path):
+    from pipelines.config import load_runtime_env
+
+    path = tmp_path / "env.json"
+    path.write_text(json.dumps({"pip": ["ovsam-batch"], "env_vars": {"TOKEN": "s3cret"}}))
+    config = LabelConfig(input="in", output="out", runtime_env=load_runtime_env(str(path)))
+    assert config.runtime_env["pip"] == ["ovsam-batch"]
+    assert config.public_dict()["runtime_env"] == ["env_vars", "pip"] and "s3cret" not in json.dumps(config.public_dict())
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_runtime_env(str(path))
+    path.write_text("{nope")
+    with pytest.raises(ConfigError, match="cannot read it as JSON"):
+        load_runtime_env(str(path))
