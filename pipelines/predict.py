@@ -25,9 +25,10 @@ from schemas.tables import STATUS_ERROR, STATUS_OK
 NO_PROMPTS = "no_prompts"
 TOO_MANY_OBJECTS = "too_many_objects"
 MODEL_ERROR = "model_error"  # the model failed on this image for another reason (message says which)
-# Pixels of the images in one model call. The call returns full-resolution masks for all of them
-# (objects × H × W bytes: 200 objects on 16 MP is 3.2 GB), so this bounds an actor's memory; 16 MP is
-# sixteen 1 MP photos (embeddings batched as the GPU likes) or one large scan alone.
+# Pixels of the images in one model call: the decoded images of a group are held together while their
+# embeddings are computed in one batch and their masks encoded (masks stay low-res logits on the device and
+# are upscaled in bounded chunks, see `ovsam.predictor.MASK_UPSCALE_PIXELS`); 16 MP is sixteen 1 MP photos
+# (embeddings batched as the GPU likes) or one large scan alone.
 MAX_PIXELS_PER_MODEL_CALL = 16_000_000
 
 
@@ -177,8 +178,7 @@ class LabelImages:
         """Predictions for ``work`` in order, one at a time; an image whose prediction fails yields its exception.
 
         Images go to the model in groups of at most `MAX_PIXELS_PER_MODEL_CALL` pixels (one batched embedding
-        pass each), and each group's masks are encoded before the next group runs, so full-resolution masks
-        of only one group are ever held. If a group fails, each of its images is redone alone to find which
+        pass each), and each group's masks are encoded before the next group runs. If a group fails, each of its images is redone alone to find which
         one failed without losing the others.
         """
         for group in pixel_groups(work):
