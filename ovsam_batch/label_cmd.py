@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import click
 
@@ -16,6 +17,7 @@ TRAINED_OFFLINE_PRESET, UNTRAINED_OFFLINE_PRESET = "shapes", "tiny"
 
 
 _AUTO = AutomaticConfig()  # the defaults of automatic mode's options
+_EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shells' exit code for a process stopped by SIGINT
 
 
 def _default_preset() -> str:
@@ -124,10 +126,13 @@ def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabula
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
 
-    from pipelines.label import LabelError, run_label  # imports Ray: only once the options are valid
+    from pipelines.label import INTERRUPTED_MESSAGE, LabelError, run_label  # imports Ray: only once options are valid
 
     try:
         summary = run_label(config)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted: {INTERRUPTED_MESSAGE}.", err=True)
+        raise SystemExit(_EXIT_INTERRUPTED) from None
     except LabelError as err:
         raise click.ClickException(str(err)) from None
     except Exception as err:  # noqa: BLE001 - a model error raised inside a Ray worker reaches us wrapped

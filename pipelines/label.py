@@ -43,6 +43,11 @@ _MODEL_ACTORS_PER_WRITER = 4
 _LOG_PROGRESS_INTERVAL_S = 30.0
 
 
+# run.json's reason for a run stopped by Ctrl-C (SIGINT).
+INTERRUPTED_MESSAGE = ("stopped by the user (Ctrl-C / SIGINT); what was committed stays, and the same command "
+                       "resumes from it")
+
+
 class LabelError(Exception):
     """The run cannot start or cannot go on; the message says why in a user's words."""
 
@@ -148,7 +153,8 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
               "vocabulary": {"name": vocabulary.name, "names": list(vocabulary.names)}}
     try:
         store.write_run_record(record)
-        counts = _label_items(config, show_progress, vocabulary, items, metadata) if items else _RunCounts()
+        counts = (_label_items(config, show_progress, vocabulary, items, metadata, already_done=len(selected) - len(items))
+                  if items else _RunCounts())
         total_images, total_annotations = store.status_counts()
         outputs = {"images": store.url(IMAGES_DIR), "annotations": store.url(ANNOTATIONS_DIR),
                    "run": store.url(RUN_FILE)}
@@ -158,11 +164,14 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
                     "date_created": _now(), "schema_version": SCHEMA_VERSION}
             written = store.write_coco(list(vocabulary.names), info)
             outputs["coco"] = store.url(written[0] if len(written) == 1 else COCO_DIR)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT): the writers published what they held (see `_label_items`)
+        _record_end(store, record, "interrupted", INTERRUPTED_MESSAGE)
+        raise
     except Exception as err:  # noqa: BLE001 - a storage fault that outlasted the retries, here or in a worker
         message = _failure_message(config, err)
         if message is None:
             raise
-        _record_failure(store, record, message)
+        _record_end(store, record, "failed", message)
         raise LabelError(message) from None
     summary = LabelSummary(
         listed=len(selected), skipped_done=len(selected) - len(items), ignored_files=listing.ignored,
@@ -188,8 +197,10 @@ class _RunCounts:
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
-def _label_items(config: LabelConfig, show_progress: bool, vocabulary, items: list[dict], metadata: dict) -> _RunCounts:
-    """Stream ``items`` through Ray Data into committed parts; the counts of what was written."""
+def _label_items(config: LabelConfig, show_progress: bool, vocabulary, items: list[dict], metadata: dict,
+                 already_done: int) -> _RunCounts:
+    """Stream ``items`` through Ray Data into committed parts; the counts of what was written. The progress bar
+    counts the run's selected inputs, starting at the ``already_done`` ones an earlier run committed."""
     counts = _RunCounts()
     with _ray_session(config):
         plan = _plan(config)
@@ -197,7 +208,7 @@ def _label_items(config: LabelConfig, show_progress: bool, vocabulary, items: li
         crashes = ray.remote(num_cpus=0)(CrashLedger).remote()
         dataset = _build_dataset(config, plan, vocabulary, items, writers, crashes)
         try:
-            with _progress(len(items), show_progress) as bar, contextlib.closing(iter(dataset.iter_rows())) as rows:
+            with _progress(already_done, already_done + len(items), show_progress) as bar, contextlib.closing(iter(dataset.iter_rows())) as rows:
                 for summary in rows:
                     if summary["write_error"]:
                         raise WriteFailed(summary["write_error"])
@@ -254,10 +265,11 @@ def _failure_message(config: LabelConfig, err: BaseException) -> str | None:
     return f"{reason}; the run stopped, what was committed stays, and the same command resumes from it"
 
 
-def _record_failure(store: OutputStore, record: dict, message: str) -> None:
-    """run.json says ``failed`` with the reason (best effort: the storage that failed may refuse this too)."""
+def _record_end(store: OutputStore, record: dict, status: str, message: str) -> None:
+    """run.json says ``status`` (``failed`` / ``interrupted``) with the reason (best effort: the storage that failed
+    may refuse this too)."""
     try:
-        store.write_run_record({**record, "status": "failed", "finished_at": _now(), "error": message})
+        store.write_run_record({**record, "status": status, "finished_at": _now(), "error": message})
     except Exception:  # noqa: BLE001 - the run's own message already tells the user what failed
         pass
 
@@ -417,9 +429,9 @@ def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, items: lis
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.workers), num_cpus=0)
 
 
-def _progress(total: int, show: bool) -> tqdm.tqdm:
+def _progress(done: int, total: int, show: bool) -> tqdm.tqdm:
     interactive = sys.stderr.isatty()
-    return tqdm.tqdm(total=total, unit="img", desc="labelling", disable=not show, file=sys.stderr,
+    return tqdm.tqdm(initial=done, total=total, unit="img", desc="labelling", disable=not show, file=sys.stderr,
                      mininterval=0.5 if interactive else _LOG_PROGRESS_INTERVAL_S, dynamic_ncols=interactive)
 
 

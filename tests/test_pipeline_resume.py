@@ -8,8 +8,10 @@ point (its annotations staged, no images file: rolled back, its images labelled 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,3 +99,55 @@ def test_killed_run_resumes_with_every_image_exactly_once(ray_cluster, tmp_path)
     assert BATCH_SIZE < PART_SIZE <= max(part_images) < PART_SIZE + BATCH_SIZE
     coco = json.loads((output / "coco.json").read_text())
     assert len(coco["images"]) == NUM_IMAGES and len(coco["annotations"]) == len(ids)
+
+
+def _box_inputs(tmp_path: Path, count: int) -> tuple[Path, Path]:
+    """``count`` small images, one box each, and their COCO prompts file."""
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    names = [f"img_{index:02d}.jpg" for index in range(count)]
+    for index, name in enumerate(names):
+        shapes_image(index, 64, 48).save(images_dir / name)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+                                   "annotations": [{"id": i, "image_id": i, "bbox": [4, 4, 20, 20]}
+                                                   for i in range(count)]}))
+    return images_dir, prompts
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_run_json_interrupted_and_the_output_free(ray_cluster, tmp_path):
+    images_dir, prompts = _box_inputs(tmp_path, NUM_IMAGES)
+    output = tmp_path / "out"
+    run = subprocess.Popen(_cli(str(images_dir), "-o", str(output), "--mode", "box", "--prompts", str(prompts),
+                                "--batch-size", str(BATCH_SIZE), "--address", ray_cluster.address),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + _RUN_TIMEOUT_S
+    record = output / "run.json"
+    while not (record.exists() and json.loads(record.read_text())["status"] == "running"):
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    stdout, stderr = run.communicate(timeout=_RUN_TIMEOUT_S)
+    assert run.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Interrupted:" in stderr and "the same command resumes" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
+    finished = json.loads(record.read_text())
+    assert finished["status"] == "interrupted" and "SIGINT" in finished["error"] and finished["finished_at"]
+    assert not (output / "_lease.json").exists()  # released: the same command can run again at once
+
+
+def test_the_progress_bar_counts_the_images_already_committed(ray_cluster, tmp_path, capsys):
+    from pipelines.config import LabelConfig
+    from pipelines.label import run_label
+
+    images_dir, prompts = _box_inputs(tmp_path, 5)
+    config = LabelConfig(input=str(images_dir), output=str(tmp_path / "out"), mode="box", prompts=str(prompts))
+    run_label(dataclasses.replace(config, limit=3), show_progress=False)
+    capsys.readouterr()
+    summary = run_label(config, show_progress=True)
+    assert summary.skipped_done == 3 and summary.run_images == 2
+    bar = capsys.readouterr().err
+    assert re.search(r"labelling: +\d+%\|.*\| 3/5 ", bar), bar  # starts at what the first run committed
+    assert re.search(r"labelling: 100%\|.*\| 5/5 ", bar), bar
