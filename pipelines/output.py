@@ -52,7 +52,8 @@ from pipelines.decode import DEFERRED
 from pipelines.predict import deserialize
 from ovsam.redaction import redact_uri
 from pipelines.storage import (RETRY_HINT, STORAGE_ATTEMPTS, create_exclusive, error_reason, is_local, is_transient,
-                               join, open_for_publish, open_fs, publish_bytes)
+                               join, open_for_publish, open_fs, publish_bytes, read_versioned,
+                               replace_if_unchanged)
 from schemas.coco import write_coco
 from schemas.committed import CommittedTables, part_file
 from schemas.tables import (ANNOTATIONS_DIR, ANNOTATIONS_SCHEMA, COCO_DIR, COCO_FILE, COCO_SHARD_IMAGES, IMAGES_DIR,
@@ -72,6 +73,9 @@ _STAGED = {ANNOTATIONS_DIR: "annotations.parquet", IMAGES_DIR: "images.parquet"}
 LEASE_FILE = "_lease.json"
 LEASE_SECONDS = 120.0
 _RENEW_EVERY_S = LEASE_SECONDS / 4
+# Rounds of create / read / conditional replace one `Lease.acquire` tries: another round follows only when the
+# lease changed between reading and replacing it (released, or taken over by a racing run and then seen live).
+_TAKE_TRIES = 3
 # Run ids of the leases this process holds now: a lease naming this process but none of these was left by an
 # earlier run of it whose release failed (the storage refused the delete), and is stale.
 _HELD_HERE: set[str] = set()
@@ -257,8 +261,11 @@ class Lease:
 
     `acquire` creates the file with an exclusive create (`create_exclusive`), so of two runs starting together
     exactly one wins and the other gets `OutputError`. A lease past its expiry, or held by a process of this
-    machine that no longer exists (a killed run), is stale: it is removed and taken over. While held, a daemon
-    thread renews it every `_RENEW_EVERY_S`; `release` stops the renewal and removes the file.
+    machine that no longer exists (a killed run), is stale: it is replaced by this run's with a conditional write
+    of the version that was judged stale (`replace_if_unchanged`), so of several runs taking over one stale lease
+    at once exactly one wins. While held, a daemon thread renews it every `_RENEW_EVERY_S`, also conditionally:
+    a renewal never overwrites the lease of a run that took the output over. `release` stops the renewal and
+    removes the file if it is still this run's.
     """
 
     def __init__(self, store: OutputStore):
@@ -266,6 +273,7 @@ class Lease:
         self.path = store.path(LEASE_FILE)
         self.holder = {"run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                        "started_at": _utc(time.time())}
+        self._version: str | None = None  # of the lease this run last wrote
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -274,42 +282,48 @@ class Lease:
 
         Raises `OutputError` if another run holds it; storage errors (missing bucket, read-only) propagate.
         """
-        stale = None
+        _HELD_HERE.add(self.holder["run_id"])  # before the first write: a lease naming us is never stale
         try:
-            create_exclusive(self.store.fs, self.path, self._body())
-        except FileExistsError:
-            stale = self.read()
-            if stale is not None and stale.get("run_id") == self.holder["run_id"]:
-                stale = None  # ours: the conditional PUT succeeded, its answer was lost and botocore sent it again
-            elif stale is not None and not _is_stale(stale):
-                raise self._held_by(stale) from None
-            else:
-                self._take_over()
-        _HELD_HERE.add(self.holder["run_id"])
+            stale = self._take()
+        except BaseException:
+            _HELD_HERE.discard(self.holder["run_id"])
+            raise
         self._renewer = threading.Thread(target=self._renew, name="ovsam-lease", daemon=True)
         self._renewer.start()
         return stale
 
-    def _take_over(self) -> None:
-        """Replace a stale (or vanished) lease by this run's; `OutputError` if another run took it over first."""
-        if self.store.fs.exists(self.path):
-            self.store.fs.rm(self.path)
-        try:
-            create_exclusive(self.store.fs, self.path, self._body())
-        except FileExistsError:
-            current = self.read() or {}
-            if current.get("run_id") != self.holder["run_id"]:
-                raise self._held_by(current) from None
+    def _take(self) -> dict | None:
+        fs = self.store.fs
+        replaced = None  # the stale lease this run tried to replace
+        for _ in range(_TAKE_TRIES):
+            try:
+                self._version = create_exclusive(fs, self.path, self._body())
+                return None
+            except FileExistsError:
+                pass
+            try:
+                data, version = read_versioned(fs, self.path)
+            except FileNotFoundError:
+                continue  # released in the meantime: create it again
+            lease = _parse_lease(data)
+            if lease.get("run_id") == self.holder["run_id"]:
+                self._version = version  # ours: a conditional PUT succeeded, its answer was lost, it was sent again
+                return replaced
+            if not _is_stale(lease):
+                raise self._held_by(lease)
+            replaced = lease
+            self._version = replace_if_unchanged(fs, self.path, version, self._body())
+            if self._version is not None:
+                return lease
+            # Replaced or removed since it was read (another run took it over, or ours was sent twice): look again.
+        raise self._held_by(self.read() or {})
 
     def read(self) -> dict | None:
         """The lease in the output, None if there is none; an unreadable one counts as expired."""
         try:
-            lease = json.loads(self.store.fs.cat_file(self.path))
+            return _parse_lease(self.store.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
-        except ValueError:
-            return {"expires_at": 0.0}
-        return lease if isinstance(lease, dict) else {"expires_at": 0.0}
 
     def release(self) -> None:
         """Stop renewing and remove the lease if it is still this run's."""
@@ -325,13 +339,26 @@ class Lease:
         expires = time.time() + LEASE_SECONDS
         return json.dumps({**self.holder, "expires_at": expires, "expires": _utc(expires)}, indent=2).encode()
 
+    def renew(self) -> bool:
+        """Extend this run's lease by `LEASE_SECONDS`; False (and nothing written) if another run took it over."""
+        version = replace_if_unchanged(self.store.fs, self.path, self._version, self._body())
+        if version is None:  # not the version we wrote: ours sent twice (its answer lost), or taken over
+            data, version = read_versioned(self.store.fs, self.path)
+            if _parse_lease(data).get("run_id") != self.holder["run_id"]:
+                return False
+        self._version = version
+        return True
+
     def _renew(self) -> None:
+        log = logging.getLogger(__name__)
         while not self._stop.wait(_RENEW_EVERY_S):
             try:
-                publish_bytes(self.store.fs, self.path, self._body())
+                if not self.renew():
+                    log.error("the lease %s was taken over by another run", redact_uri(self.store.url(LEASE_FILE)))
+                    return
             except Exception as err:  # noqa: BLE001 - the next renewal tries again; the lease outlasts several
-                logging.getLogger(__name__).warning("could not renew the lease %s: %s",
-                                                    redact_uri(self.store.url(LEASE_FILE)), error_reason(err))
+                log.warning("could not renew the lease %s: %s", redact_uri(self.store.url(LEASE_FILE)),
+                            error_reason(err))
 
     def _held_by(self, lease: dict) -> OutputError:
         return OutputError(
@@ -339,6 +366,15 @@ class Lease:
             f"{lease.get('started_at', '?')}) is writing into {redact_uri(self.store.output)}: its lease "
             f"{LEASE_FILE} holds the output until {lease.get('expires', '?')}; wait for that run to finish (or, if "
             "it crashed on another machine, for the lease to expire)")
+
+
+def _parse_lease(data: bytes) -> dict:
+    """A lease file's content; an unreadable one counts as expired."""
+    try:
+        lease = json.loads(data)
+    except ValueError:
+        return {"expires_at": 0.0}
+    return lease if isinstance(lease, dict) else {"expires_at": 0.0}
 
 
 def _is_stale(lease: dict) -> bool:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import http.client
 import os
 import posixpath
@@ -218,15 +219,15 @@ def publish_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None
         out.write(data)
 
 
-def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> str:
     """Make ``data`` appear at ``path`` whole, only if nothing is there yet; raises FileExistsError otherwise.
+    Returns the version of what it wrote (see `read_versioned`).
 
     Of several writers racing, exactly one succeeds: locally a temp file hard-linked to ``path`` (link fails
     if the name exists); on S3 a conditional PUT (``If-None-Match: *``).
     """
     if not is_local(fs):
-        fs.pipe_file(path, data, mode="create")
-        return
+        return fs.pipe_file(path, data, mode="create")["ETag"]
     folder = posixpath.dirname(path)
     fs.makedirs(folder, exist_ok=True)
     temp = join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
@@ -237,6 +238,66 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+    return _local_version(data)
+
+
+def read_versioned(fs: fsspec.AbstractFileSystem, path: str) -> tuple[bytes, str]:
+    """The content of ``path`` and its version: a tag that changes whenever the content is replaced (S3: the
+    object's ETag, read in the same GET as the content; locally: a hash of the content). FileNotFoundError if
+    there is nothing at ``path``."""
+    if is_local(fs):
+        with open(path, "rb") as source:
+            data = source.read()
+        return data, _local_version(data)
+    fs.invalidate_cache(path)
+    with fs.open(path, "rb", cache_type="none") as source:  # s3fs reads with If-Match: the ETag of its HEAD
+        return source.read(), source.details["ETag"]
+
+
+def replace_if_unchanged(fs: fsspec.AbstractFileSystem, path: str, version: str, data: bytes) -> str | None:
+    """Replace the content of ``path`` by ``data`` only if it is still at ``version`` (from `read_versioned` or a
+    write here); return the new version, or None if ``path`` was replaced or removed in the meantime.
+
+    Of several writers racing to replace one version, exactly one succeeds: on S3 a conditional PUT
+    (``If-Match: <ETag>``); locally the file is locked (``flock``), checked to be still the file at ``path`` with
+    that content, and replaced by rename while locked.
+    """
+    import botocore.exceptions
+
+    if not is_local(fs):
+        try:
+            return fs.pipe_file(path, data, IfMatch=version)["ETag"]
+        except (FileNotFoundError, OSError) as err:
+            cause = err.__cause__
+            if isinstance(err, FileNotFoundError) or (isinstance(cause, botocore.exceptions.ClientError)
+                                                      and cause.response.get("Error", {}).get("Code") == "PreconditionFailed"):
+                return None
+            raise
+    import fcntl
+
+    try:
+        locked = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(locked, fcntl.LOCK_EX)  # racing replacers of this file take turns from here
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            return None
+        if (current.st_ino, current.st_dev) != (os.fstat(locked).st_ino, os.fstat(locked).st_dev):
+            return None  # replaced by an earlier holder of the lock
+        with open(path, "rb") as source:
+            if _local_version(source.read()) != version:
+                return None
+        publish_bytes(fs, path, data)  # temp + rename, while the replaced file is still locked
+    finally:
+        os.close(locked)  # also releases the lock
+    return _local_version(data)
+
+
+def _local_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @contextlib.contextmanager

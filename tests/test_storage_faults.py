@@ -245,3 +245,69 @@ def test_a_lease_of_a_killed_process_on_this_machine_is_stale_at_once(tmp_path):
     assert lease.acquire()["run_id"] == "killed"
     assert lease.read()["run_id"] == lease.holder["run_id"]
     lease.release()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_runs_taking_over_one_stale_lease_at_once_exactly_one_wins(s3_server, tmp_path, monkeypatch, where):
+    """The worst interleaving, made certain: every contender has read the stale lease and judged it stale before
+    any of them replaces it."""
+    import threading
+
+    import pipelines.output
+
+    output = str(tmp_path / "out") if where == "local" else f"{s3_server.make_bucket('lease-race-' + where)}/out"
+    store = OutputStore(output)
+    contenders = 4
+    judged = threading.Barrier(contenders)
+    waited = threading.local()
+    is_stale = pipelines.output._is_stale
+
+    def judged_together(lease):
+        if not getattr(waited, "done", False):  # the first judgement of each contender: the stale lease
+            waited.done = True
+            judged.wait(timeout=30)
+        return is_stale(lease)
+
+    monkeypatch.setattr(pipelines.output, "_is_stale", judged_together)
+    for round_ in range(3):
+        stale = {"run_id": f"dead-{round_}", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 60}
+        if store.fs.exists(store.path(LEASE_FILE)):
+            store.fs.rm(store.path(LEASE_FILE))
+        create_exclusive(store.fs, store.path(LEASE_FILE), json.dumps(stale).encode())
+        leases = [Lease(store) for _ in range(contenders)]
+        outcomes: dict[int, object] = {}
+
+        def contend(index):
+            waited.done = False
+            try:
+                outcomes[index] = leases[index].acquire()
+            except OutputError as err:
+                outcomes[index] = err
+
+        threads = [threading.Thread(target=contend, args=(index,)) for index in range(contenders)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        winners = [index for index, outcome in outcomes.items() if isinstance(outcome, dict)]
+        assert len(outcomes) == contenders and len(winners) == 1, outcomes
+        assert outcomes[winners[0]]["run_id"] == f"dead-{round_}"
+        assert all("another label run" in str(outcome) for index, outcome in outcomes.items() if index not in winners)
+        assert Lease(store).read()["run_id"] == leases[winners[0]].holder["run_id"]
+        leases[winners[0]].release()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_renewal_never_overwrites_the_lease_of_a_run_that_took_over(s3_server, tmp_path, where):
+    output = str(tmp_path / "out") if where == "local" else f"{s3_server.make_bucket('lease-renew-' + where)}/out"
+    store = OutputStore(output)
+    held = Lease(store)
+    held.acquire()
+    assert held.renew() and held.renew()  # its own lease: extended, again and again
+    assert held.read()["run_id"] == held.holder["run_id"]
+    newcomer = {"run_id": "newcomer", "host": "elsewhere", "pid": 1, "expires_at": time.time() + 600}
+    store.fs.pipe_file(store.path(LEASE_FILE), json.dumps(newcomer).encode())  # took over while we stalled
+    assert not held.renew()
+    assert held.read()["run_id"] == "newcomer"
+    held.release()
+    assert held.read()["run_id"] == "newcomer"  # released ours only
