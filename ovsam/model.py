@@ -38,12 +38,14 @@ class ImageFeatures:
     """Per-image features, computed once and shared by every prompt of the image.
 
     clip_maps: four [B, C_i, S/s, S/s] CLIP maps (strides 4..32); embedding: [B, dim, S/16, S/16] SAM image
-    embedding from SAM2CLIP; fpn_maps: four [B, dim, S/s, S/s] CLIP2SAM FPN maps.
+    embedding from SAM2CLIP; fpn_maps: four [B, dim, S/s, S/s] CLIP2SAM FPN maps; region_maps: what CLIP's
+    region branch pools from (`CLIPTower.region_maps`), computed by the first `OVSAM.recognise` that needs it.
     """
 
     clip_maps: list[torch.Tensor]
     embedding: torch.Tensor
     fpn_maps: list[torch.Tensor]
+    region_maps: torch.Tensor | None = None
 
 
 @dataclass
@@ -145,10 +147,11 @@ class OVSAM(nn.Module):
         """
         if region_boxes is None:
             region_boxes = head.mask_boxes
-        coarsest = features.clip_maps[-1]
-        coarse_masks = resize_logits(head.low_res_masks, coarsest.shape[-1])
+        if features.region_maps is None:
+            features.region_maps = self.clip.region_maps(features.clip_maps[-1])
+        coarse_masks = resize_logits(head.low_res_masks, features.clip_maps[-1].shape[-1])
         rois = torch.cat([image_index[:, None].to(region_boxes.dtype), region_boxes], dim=1)
-        clip_embeddings = self.clip.region_embeddings(coarsest, rois.float(), coarse_masks)
+        clip_embeddings = self.clip.pool_regions(features.region_maps, rois.float(), coarse_masks)
         class_embeddings = class_embeddings.to(clip_embeddings.device)
         query_logits = classify(head.roi_embeddings, class_embeddings)
         clip_logits = classify(clip_embeddings, class_embeddings)

@@ -118,8 +118,6 @@ def test_prompt_mode(mode, golden, model, inputs, features, class_split, class_e
         model.head.mask_decoder.transformer.register_forward_hook(lambda m, i, o: captured.update(hs=o[0])),
         model.head.roi_extractor.register_forward_hook(lambda m, i, o: captured.update(roi=o)),
         model.head.roi_conv.register_forward_hook(lambda m, i, o: captured.update(roi_conv=o)),
-        model.clip.model.visual.attnpool.register_forward_hook(
-            lambda m, i, o: captured.update(clip_in=i[0], clip_out=o)),
     ]
     try:
         with torch.inference_mode():
@@ -132,6 +130,12 @@ def test_prompt_mode(mode, golden, model, inputs, features, class_split, class_e
                                    region_boxes=torch.from_numpy(out["prompt_bboxes_input"]),
                                    seen=seen, excluded=excluded)
             label_mlp = model.head.label_mlp(captured["hs"][:, 0])
+            # The CLIP branch pools from projected maps (`CLIPTower.region_maps`): its RoI features are the
+            # release's attention-pool input only before projection, so they are re-aligned here.
+            clip_rois = torch.cat([torch.zeros(n, 1), decoded.region_boxes], dim=1)
+            clip_in = roi_align(features.clip_maps[-1], clip_rois, model.clip.region_grid, spatial_scale=1 / 32,
+                                sampling_ratio=0, aligned=True)
+            clip_out = model.clip.pool_regions(features.region_maps, clip_rois, None)
     finally:
         for hook in hooks:
             hook.remove()
@@ -146,8 +150,8 @@ def test_prompt_mode(mode, golden, model, inputs, features, class_split, class_e
     assert_close("query_logit", decoded.query_logits[:, None], out["query_logit"])
     np.testing.assert_array_equal(decoded.clip_valid.numpy(), out["clip_valid"][:, 0, 0].astype(bool))
     np.testing.assert_array_equal(decoded.region_boxes.numpy(), out["clip_rois"][:, 1:])
-    assert_close("clip_roi_feats", captured["clip_in"], out["clip_roi_feats"])
-    assert_close("clip_attnpool_out", captured["clip_out"], out["clip_attnpool_out"])
+    assert_close("clip_roi_feats", clip_in, out["clip_roi_feats"])
+    assert_close("clip_attnpool_out", clip_out, out["clip_attnpool_out"])
     assert_close("clip_logit", decoded.clip_logits[:, None], out["clip_logit"])
     assert_close("fused_logits", decoded.fused_logits[:, None], out["fused_logits"])
     np.testing.assert_array_equal(decoded.fused_logits[:, :-1].argmax(-1).numpy(), out["pred_labels"])
@@ -170,7 +174,7 @@ def test_unit_roi(golden, model, features, class_embeddings):
         logits = classify(pooled, class_embeddings)
         clip_feats = roi_align(features.clip_maps[-1], rois, model.clip.region_grid, spatial_scale=1 / 32,
                                sampling_ratio=0, aligned=True)
-        clip_out = model.clip.model.visual.attnpool(clip_feats)
+        clip_out = model.clip.region_embeddings(features.clip_maps[-1], rois, None)
         clip_logits = classify(clip_out, class_embeddings)
     np.testing.assert_array_equal(levels.numpy(), unit["target_levels"])
     assert_close("unit head_roi_feats", feats, unit["head_roi_feats"])

@@ -269,3 +269,45 @@ def test_roi_coordinates_stay_float32_with_bf16_maps():
     torch.testing.assert_close(ours, reference, atol=1e-2, rtol=1e-2)  # bf16 output rounding only
     rounded = extractor([m.float() for m in maps], rois.bfloat16().float())
     assert (rounded - reference).abs().max() > 0.05  # the test would see the rounding
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_region_branch_projected_once_per_image_equals_pooling_each_region(heads):
+    """Aligning regions from the projected map equals open_clip's attention pool on each aligned region,
+    boxes crossing the map's border and smaller than a cell included (random weights and biases)."""
+    from open_clip.modified_resnet import AttentionPool2d
+    from torchvision.ops import roi_align
+
+    from ovsam.clip_tower import attention_pool_projected
+
+    torch.manual_seed(0)
+    grid, channels = 5, 32
+    pool = AttentionPool2d(grid, channels, heads, output_dim=24).eval()
+    for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+        torch.nn.init.normal_(linear.bias)
+    coarse = torch.randn(2, channels, 9, 11)
+    rois = torch.tensor([[0, 10.0, 20.0, 300.0, 250.0], [1, 0.0, 0.0, 352.0, 288.0], [1, 40.3, 7.9, 47.1, 12.2],
+                         [0, -30.0, 250.0, 380.0, 330.0], [1, 100.5, 100.5, 100.5, 100.5]])
+    with torch.inference_mode():
+        reference = pool(roi_align(coarse, rois, grid, spatial_scale=1 / 32, sampling_ratio=0, aligned=True))
+        weight = torch.cat([pool.k_proj.weight, pool.v_proj.weight])[:, :, None, None]
+        maps = torch.cat([coarse, torch.nn.functional.conv2d(coarse, weight)], dim=1)
+        crops = roi_align(maps, rois, grid, spatial_scale=1 / 32, sampling_ratio=0, aligned=True).flatten(2)
+        ours = attention_pool_projected(pool, *crops.split(channels, dim=1))
+    assert reference.abs().max() > 1  # not a degenerate comparison
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_model_region_branch_matches_the_attention_pool_of_each_region(tiny):
+    """The model's CLIP branch (maps projected once in `region_maps`) against open_clip's pool per region."""
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, tiny.config.image_size, tiny.config.image_size)
+    rois = torch.tensor([[0, 3.0, 5.0, 200.0, 480.0], [1, 250.2, 10.7, 511.0, 140.3], [1, 0.0, 0.0, 16.0, 16.0]])
+    with torch.inference_mode():
+        coarse = tiny.embed_image(pixels).clip_maps[-1]
+        crops = roi_align(coarse, rois, tiny.clip.region_grid, spatial_scale=1 / 32, sampling_ratio=0, aligned=True)
+        reference = tiny.clip.model.visual.attnpool(crops)
+        ours = tiny.clip.pool_regions(tiny.clip.region_maps(coarse), rois, None)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
