@@ -155,14 +155,15 @@ def attention_pool_projected(pool: AttentionPool2d, cells: torch.Tensor, keys: t
     """
     n, channels, num_cells = cells.shape
     heads = pool.num_heads
+    head_dim = channels // heads
     position = pool.positional_embedding  # [g² + 1, C], the mean token first
     query = F.linear(cells.mean(2) + position[0], pool.q_proj.weight, pool.q_proj.bias)
-    query = query.reshape(n, heads, 1, -1) * (channels // heads) ** -0.5  # [N, heads, 1, C / heads]
+    query = query.reshape(n, heads, 1, head_dim) * head_dim**-0.5  # [N, heads, 1, C / heads]
     key_position = F.linear(position, pool.k_proj.weight, pool.k_proj.bias)
     value_position = F.linear(position, pool.v_proj.weight, pool.v_proj.bias)
 
     def per_head(x: torch.Tensor) -> torch.Tensor:  # [..., C, T] -> [..., heads, C / heads, T]
-        return x.to(query.dtype).unflatten(-2, (heads, -1))
+        return x.to(query.dtype).unflatten(-2, (heads, head_dim))
 
     cell_scores = (query @ per_head(keys))[:, :, 0]  # [N, heads, g²]
     scores = torch.cat([cell_scores.mean(-1, keepdim=True), cell_scores], dim=-1) + torch.einsum(
