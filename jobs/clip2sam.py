@@ -5,13 +5,31 @@ objects from box and point prompts on COCO-format instance annotations (COCO, LV
         --storage s3://b/runs --name c2s --num-workers 8 --gpu
     ray job submit -- python -m jobs.clip2sam ...   # the same options
 
-The release's recipe: per image up to ``max_instances`` instances, each prompted by its box or by its most
-interior point; losses 2 x cross-entropy over the classes + background (background weight 0.1), 5 x mask
-BCE and 5 x dice on points sampled where the mask is uncertain; recognition is trained on RoIs of the
-ground-truth boxes. CLIP, the SAM2CLIP adapter and the prompt encoder stay frozen (``train_adapter``
-also trains the adapter, for a model whose adapter was never distilled from a useful teacher). The class
-embeddings come from the dataset's category names (or ``vocabulary``) through the model's CLIP text tower.
-Checkpoints are model directories; ``clip2sam.safetensors`` holds ``fpn_neck.*`` and ``mask_decoder.*``.
+The release's recipe (its ``use_point_det`` preprocessor with 40 proposals): per image ``max_instances``
+prompts, the instances repeated until there are that many, half prompted by the ground-truth box and half
+by a random point of the mask; losses 2 x cross-entropy over the classes + background (background weight
+0.1), 5 x mask BCE and 5 x dice on points sampled where the mask is uncertain; recognition is trained on
+RoIs of the ground-truth boxes. CLIP, the SAM2CLIP adapter and the prompt encoder stay frozen
+(``train_adapter`` also trains the adapter, for a model whose adapter was never distilled from a useful
+teacher). The class embeddings come from the dataset's category names (or ``vocabulary``) through the
+model's CLIP text tower. Checkpoints are model directories; ``clip2sam.safetensors`` holds ``fpn_neck.*``
+and ``mask_decoder.*``. Where this differs from the release: an image with more than ``max_instances``
+instances gets a random subset each epoch (the release takes the first ones), and the mask decoder starts
+from the model given (the release initialises it from SAM ViT-H's decoder; give such a model as
+``--preset``).
+
+Beyond the release, ``background_points`` (``--background-points R``) adds R background prompts per object
+prompt: points on no object (half of them just outside an object's border, see
+`jobs.data.BORDER_BAND_PIXELS`), whose targets are the background class and an empty mask. They go through
+the same three losses: the cross-entropy (with the release's background weight) teaches the head's
+classifier "no object", the BCE and dice against an all-zero mask teach the decoder to return nothing there.
+Their RoI is the box of the mask the model predicts for them (detached), which is what the labeller
+classifies at inference; an empty prediction gives an empty RoI, as at inference. The release trains on
+object prompts only, so its background class is never a target and automatic mode cannot reject a grid
+point on background; the default stays the release's (0).
+
+Batches whose prompts all vanish at the model's input size (instances smaller than a pixel there) are
+skipped and counted (``skipped_batches``): their losses would be NaN and AdamW would write NaN weights.
 """
 
 from __future__ import annotations
@@ -49,10 +67,13 @@ class Clip2SamJob:
     train_adapter: bool = False
     train_clip_image: bool = False
     loader_workers: int = 1
+    background_points: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_instances < 1 or self.num_points < 1:
             raise common.JobError("max_instances and num_points must be at least 1")
+        if self.background_points < 0:
+            raise common.JobError(f"background_points must be at least 0, got {self.background_points}")
 
 
 def training_vocabulary(job: Clip2SamJob, category_names: tuple[str, ...]) -> tuple[str, list[int]]:
@@ -99,12 +120,19 @@ class _Step(nn.Module):
         image_index = batch["image_index"]
         out = self.head(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, image_index, fpn_maps,
                         self.image_size)
-        rois = torch.cat([image_index[:, None].float(), batch["boxes"]], dim=1)
+        # Object prompts: the ground-truth box (the release); background prompts: the predicted mask's box.
+        boxes = torch.where(batch["is_background"][:, None], out.mask_boxes.detach(), batch["boxes"])
+        rois = torch.cat([image_index[:, None].float(), boxes], dim=1)
         roi_embeddings = self.head.roi_conv(self.head.roi_extractor(fpn_maps, rois)).mean(-1).mean(-1)
         logits = classify(roi_embeddings, self.class_embeddings)
         bce, dice = losses.mask_losses(out.low_res_masks, batch["masks"][:, None], self.num_points)
+        on_object = ~batch["is_background"]
+        background = batch["is_background"]
         return {"loss_cls": losses.classification_loss(logits, batch["labels"]), "loss_mask": bce, "loss_dice": dice,
-                "accuracy": (logits[:, :-1].argmax(1) == batch["labels"]).float().mean()}
+                "accuracy": (logits[on_object, :-1].argmax(1) == batch["labels"][on_object]).float().mean(),
+                # Share of background prompts the head calls background (nan-free: 0 when there are none).
+                "background_recall": (logits[background].argmax(1) == logits.shape[1] - 1).float().sum()
+                / background.sum().clamp(min=1)}
 
 
 def total_loss(parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -137,15 +165,19 @@ def train_loop(loop_config: dict) -> None:
     optimiser, scheduler = common.make_optimiser(params, settings)
     start_epoch = common.restore_optimiser(state, optimiser, scheduler)
 
-    dataset = CocoInstances(loop_config["coco"], job.images, model.config.image_size, job.max_instances, settings.seed)
+    dataset = CocoInstances(loop_config["coco"], job.images, model.config.image_size, job.max_instances, settings.seed,
+                            replicate=True, background_points=job.background_points)
     sampler, loader = common.worker_loader(dataset, settings, job.loader_workers, collate_fn=collate_instances)
-    names = ("loss", "loss_cls", "loss_mask", "loss_dice", "accuracy")
+    names = ("loss", "loss_cls", "loss_mask", "loss_dice", "accuracy", "background_recall")
     for epoch in range(start_epoch, settings.epochs):
         common.maybe_crash(loop_config["crash_once"], epoch)
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        sums, steps = torch.zeros(len(names) + 1), 0
+        sums, steps, skipped_batches = torch.zeros(len(names) + 1), 0, 0
         for steps, batch in enumerate(loader, start=1):
+            if not (~batch["is_background"]).any():
+                skipped_batches += 1
+                continue
             parts = step({key: value.to(device) for key, value in batch.items()})
             loss = total_loss(parts)
             optimiser.zero_grad(set_to_none=True)
@@ -156,7 +188,7 @@ def train_loop(loop_config: dict) -> None:
                 break
         lr = common.finish_epoch(sums, optimiser, scheduler)
         metrics = {"epoch": epoch, "started_at_epoch": start_epoch, **{n: float(sums[i] / sums[-1].clamp(min=1)) for i, n in enumerate(names)},
-                   "steps": int(sums[-1]), "lr": lr}
+                   "steps": int(sums[-1]), "skipped_batches": skipped_batches, "lr": lr}
         common.report_epoch(metrics, model, optimiser, scheduler, epoch + 1)
 
 
@@ -177,7 +209,7 @@ def run(job: Clip2SamJob, settings: common.RunSettings) -> ray.train.Result:
 @click.option("--images", required=True, help="Folder the annotations' file_names are relative to (local or s3://).")
 @click.option("--vocabulary", default=None, help="Class names to embed (coco, lvis, file, comma list); default: the dataset's categories.")
 @click.option("--max-instances", default=DEFAULT_MAX_INSTANCES, show_default=True, type=click.IntRange(min=1),
-              help="Instances (prompts) per image and step, chosen at random.")
+              help="Object prompts per image and step: its instances in random order, repeated up to this many (the release: 40).")
 @click.option("--num-points", default=losses.NUM_POINTS, show_default=True, type=click.IntRange(min=1),
               help="Points per mask for the mask losses.")
 @click.option("--train-adapter", is_flag=True, help="Also train the SAM2CLIP adapter (frozen in the release).")
@@ -185,9 +217,13 @@ def run(job: Clip2SamJob, settings: common.RunSettings) -> ray.train.Result:
               help="Also train CLIP's image tower (frozen in the release; for a tower without pretrained weights).")
 @click.option("--loader-workers", default=1, show_default=True, type=click.IntRange(min=0),
               help="Data-loading processes per Ray worker.")
+@click.option("--background-points", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Background prompts per object prompt: points on no object (half near borders), trained towards "
+                   "the background class and an empty mask. Beyond the release (0), which never trains background.")
 @common.run_options
 def main(model_spec: str, annotations: str, images: str, vocabulary: str | None, max_instances: int, num_points: int,
-         train_adapter: bool, train_clip_image: bool, loader_workers: int, settings: common.RunSettings) -> None:
+         train_adapter: bool, train_clip_image: bool, loader_workers: int, background_points: float,
+         settings: common.RunSettings) -> None:
     """Train the CLIP2SAM stage (FPN + OVSAM head) on COCO-format instances (Ray Train).
 
     \b
@@ -197,7 +233,7 @@ def main(model_spec: str, annotations: str, images: str, vocabulary: str | None,
     """
     try:
         job = Clip2SamJob(model_spec, annotations, images, vocabulary, max_instances, num_points, train_adapter,
-                          train_clip_image, loader_workers)
+                          train_clip_image, loader_workers, background_points)
         result = run(job, settings)
     except (DataError, common.JobError, ovsam.OVSAMError) as err:
         raise click.ClickException(str(err)) from err

@@ -135,12 +135,11 @@ class DistillationPairs(torch.utils.data.Dataset):
         return {"pixels": pixels, "target": torch.from_numpy(target.astype(np.float32))}
 
 
-def most_interior_point(mask: np.ndarray) -> tuple[int, int]:
-    """(x, y) of the pixel farthest from the mask's border (argmax of the L2 distance transform; the first
-    in row-major order on ties). mask: bool/uint8 [H, W], non-empty."""
-    distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return int(x), int(y)
+def _random_pixel(rng: np.random.Generator, mask: np.ndarray) -> tuple[int, int]:
+    """(x, y) of a pixel of the non-empty bool mask [H, W], uniformly at random."""
+    ys, xs = np.nonzero(mask)
+    pick = int(rng.integers(len(xs)))
+    return int(xs[pick]), int(ys[pick])
 
 
 @dataclass(frozen=True)
@@ -170,22 +169,40 @@ def load_coco(annotations_uri: str) -> dict:
     return data
 
 
+# Background prompts near objects are drawn within this many input pixels outside an object's border
+# (where a point most easily leaks onto the object); the other half anywhere on no object.
+BORDER_BAND_PIXELS = 4
+BORDER_SHARE = 0.5
+
+
 class CocoInstances(torch.utils.data.Dataset):
     """Images with their instances, prompts and targets for CLIP2SAM.
 
-    Per item, with N <= ``max_instances`` instances chosen at random per epoch (crowd and empty ones left out):
-    ``pixels`` float32 [3, S, S]; ``boxes`` float32 [N, 4] xyxy input-frame pixels (the ground-truth box);
-    ``points`` float32 [N, 2] xy input-frame pixels (the most interior pixel of the instance's mask in the
-    input frame); ``is_box`` bool [N] (prompt by box, else by point, half each on average);
-    ``labels`` int64 [N] (class index in `categories`); ``masks`` uint8 [N, S, S] (input frame, padded).
-    Images without a usable instance are left out (`skipped_images` counts them).
+    Per item, per epoch and reproducibly: up to ``max_instances`` object prompts, the instances (crowd and
+    empty ones left out) in random order; with ``replicate`` (the release's ``use_point_det``), an image
+    with fewer instances repeats them up to ``max_instances``, each copy with a point of its own. Then
+    ``round(background_points * object prompts)`` background prompts (beyond the release): points on no
+    object, half of them within `BORDER_BAND_PIXELS` outside an object's border, whose target is the
+    background class and an empty mask. N prompts in all:
+
+    ``pixels`` float32 [3, S, S]; ``boxes`` float32 [N, 4] xyxy input-frame pixels (the ground-truth box;
+    zeros for background prompts); ``points`` float32 [N, 2] xy input-frame pixels (a random pixel of the
+    instance's mask in the input frame, as the release draws it); ``is_box`` bool [N] (prompt by box, else
+    by point: exactly half of the object prompts, never a background prompt); ``is_background`` bool [N];
+    ``labels`` int64 [N] (class index in `categories`, ``len(categories)`` for background); ``masks`` uint8
+    [N, S, S] (input frame, padded; all zero for background prompts).
     """
 
-    def __init__(self, coco: dict, image_root: str, image_size: int, max_instances: int, seed: int) -> None:
+    def __init__(self, coco: dict, image_root: str, image_size: int, max_instances: int, seed: int,
+                 replicate: bool = False, background_points: float = 0.0) -> None:
+        if background_points < 0:
+            raise DataError(f"background_points must be at least 0, got {background_points}")
         self.image_root = image_root
         self.image_size = image_size
         self.max_instances = max_instances
         self.seed = seed
+        self.replicate = replicate
+        self.background_points = background_points
         self.epoch = 0
         self.categories = coco_categories(coco)
         class_of = {cat_id: k for k, cat_id in enumerate(self.categories.ids)}
@@ -195,7 +212,6 @@ class CocoInstances(torch.utils.data.Dataset):
                 by_image.setdefault(ann["image_id"], []).append({**ann, "class": class_of[ann["category_id"]]})
         self.images = [img for img in coco["images"] if img["id"] in by_image]
         self.annotations = by_image
-        self.skipped_images = len(coco["images"]) - len(self.images)
         if not self.images:
             raise DataError("the annotation file has no image with a usable (non-crowd, non-empty) instance")
 
@@ -212,29 +228,49 @@ class CocoInstances(torch.utils.data.Dataset):
         image = read_image(join(self.image_root, info["file_name"]))
         height, width = image.shape[:2]
         pixels, frame = preprocess(image, self.image_size)
-        anns = self.annotations[info["id"]]
-        chosen = rng.permutation(len(anns))[: self.max_instances]
-        boxes, points, labels, masks = [], [], [], []
-        for i in chosen:
-            ann = anns[i]
+        anns = [self.annotations[info["id"]][i] for i in rng.permutation(len(self.annotations[info["id"]]))]
+        instances = []
+        for ann in anns:
             mask = self._input_mask(ann["segmentation"], height, width, frame)
-            if mask.sum() < MIN_INPUT_MASK_PIXELS:
-                continue
-            x, y, w, h = ann["bbox"]
-            boxes.append(frame.boxes_to_input(np.array([[x, y, x + w, y + h]]))[0])
-            points.append(most_interior_point(mask))
-            labels.append(ann["class"])
-            masks.append(mask)
-        n = len(labels)
-        size = self.image_size
+            if mask.sum() >= MIN_INPUT_MASK_PIXELS:
+                x, y, w, h = ann["bbox"]
+                instances.append((frame.boxes_to_input(np.array([[x, y, x + w, y + h]]))[0], ann["class"], mask))
+        on_object = np.logical_or.reduce([m.astype(bool) for _, _, m in instances]) if instances else None
+        if self.replicate and instances:
+            instances = instances * (self.max_instances // len(instances) + 1)
+        instances = instances[: self.max_instances]
+        n = len(instances)
+        boxes = np.array([box for box, _, _ in instances], np.float32).reshape(n, 4)
+        labels = [label for _, label, _ in instances]
+        masks = [mask for _, _, mask in instances]
+        points = [_random_pixel(rng, mask.astype(bool)) for mask in masks]
+        is_box = np.zeros(n, bool)
+        is_box[rng.permutation(n)[: n // 2 + rng.integers(0, 2) * (n % 2)]] = True
+        background = self._background_points(rng, frame, on_object, round(self.background_points * n)) if n else []
+        size, k = self.image_size, len(background)
         return {
             "pixels": pixels,
-            "boxes": torch.from_numpy(np.array(boxes, np.float32).reshape(n, 4)),
-            "points": torch.tensor(points, dtype=torch.float32).reshape(n, 2),
-            "is_box": torch.from_numpy(rng.random(n) < 0.5),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": torch.from_numpy(np.array(masks, np.uint8).reshape(n, size, size)),
+            "boxes": torch.from_numpy(np.concatenate([boxes, np.zeros((k, 4), np.float32)])),
+            "points": torch.tensor(points + background, dtype=torch.float32).reshape(n + k, 2),
+            "is_box": torch.from_numpy(np.concatenate([is_box, np.zeros(k, bool)])),
+            "is_background": torch.from_numpy(np.arange(n + k) >= n),
+            "labels": torch.tensor(labels + [len(self.categories.ids)] * k, dtype=torch.int64),
+            "masks": torch.from_numpy(np.array(masks + [np.zeros((size, size), np.uint8)] * k, np.uint8).reshape(n + k, size, size)),
         }
+
+    def _background_points(self, rng: np.random.Generator, frame: ImageFrame, on_object: np.ndarray,
+                           count: int) -> list[tuple[int, int]]:
+        """``count`` points (x, y) on no object inside the image (not its padding), half near borders."""
+        if count == 0:
+            return []
+        rh, rw = frame.resized_size
+        free = np.zeros_like(on_object)
+        free[:rh, :rw] = ~on_object[:rh, :rw]
+        kernel = np.ones((2 * BORDER_BAND_PIXELS + 1,) * 2, np.uint8)
+        near = cv2.dilate(on_object.astype(np.uint8), kernel).astype(bool) & free
+        near_count = int(rng.binomial(count, BORDER_SHARE)) if near.any() else 0
+        return ([_random_pixel(rng, near) for _ in range(near_count)]
+                + [_random_pixel(rng, free) for _ in range(count - near_count) if free.any()])
 
     def _input_mask(self, segmentation, height: int, width: int, frame: ImageFrame) -> np.ndarray:
         """The instance mask resized into the input frame (nearest) and zero-padded: uint8 [S, S]."""
@@ -258,5 +294,6 @@ def collate_instances(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
     return {
         "pixels": torch.stack([item["pixels"] for item in items]),
         "image_index": torch.cat([torch.full((len(item["labels"]),), i, dtype=torch.int64) for i, item in enumerate(items)]),
-        **{key: torch.cat([item[key] for item in items]) for key in ("boxes", "points", "is_box", "labels", "masks")},
+        **{key: torch.cat([item[key] for item in items])
+           for key in ("boxes", "points", "is_box", "is_background", "labels", "masks")},
     }

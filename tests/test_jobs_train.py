@@ -45,7 +45,7 @@ def _small_preset(directory: pathlib.Path) -> str:
 
 
 def _shapes(directory: pathlib.Path, num_images: int, seed: int) -> pathlib.Path:
-    return shapes.generate(shapes.ShapesConfig(str(directory), num_images=num_images, seed=seed, size=IMAGE_SIZE,
+    return shapes.generate(shapes.ShapesConfig(str(directory), num_images=num_images, seed=seed, min_side=IMAGE_SIZE, max_side=IMAGE_SIZE,
                                                max_objects=3))
 
 
@@ -252,3 +252,36 @@ def test_shapes_clip_pretraining_step_labels_cells_and_trains_both_towers(tmp_pa
      + losses.classification_loss(out["dense_logits"], out["dense_targets"])).backward()
     assert model.clip.model.visual.conv1.weight.grad.abs().sum() > 0
     assert model.clip.model.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_clip2sam_prompts_follow_the_release_and_background_points_fall_on_no_object(tmp_path):
+    """Release sampling (instances repeated up to max_instances, half box / half random point inside the mask)
+    plus the background option: points on no object inside the image, background label, empty mask."""
+    from jobs.data import CocoInstances, collate_instances, load_coco
+
+    annotations = _shapes(tmp_path, num_images=3, seed=15)
+    coco = load_coco(str(annotations))
+    dataset = CocoInstances(coco, str(tmp_path / "images"), IMAGE_SIZE, max_instances=10, seed=0, replicate=True,
+                            background_points=0.5)
+    background_label = len(shapes.SHAPE_CLASSES)
+    for item in (dataset[i] for i in range(len(dataset))):
+        objects = ~item["is_background"]
+        assert objects.sum() == 10 and item["is_background"].sum() == 5
+        assert abs(int(item["is_box"][objects].sum()) - 5) <= 0 and not item["is_box"][item["is_background"]].any()
+        union = item["masks"][objects].amax(0).bool()
+        for point, mask, is_background, label in zip(item["points"].long(), item["masks"], item["is_background"],
+                                                     item["labels"]):
+            x, y = point.tolist()
+            if is_background:
+                assert label == background_label and not mask.any() and not union[y, x]
+            else:
+                assert label < background_label and mask[y, x]
+    release = CocoInstances(coco, str(tmp_path / "images"), IMAGE_SIZE, max_instances=10, seed=0)
+    assert not release[0]["is_background"].any() and len(release[0]["labels"]) <= 3
+
+    model = ovsam.load_model(_small_preset(tmp_path), device="cpu").train()
+    job = clip2sam.Clip2SamJob("unused", "", "", num_points=256, background_points=0.5)
+    class_embeddings = torch.nn.functional.normalize(torch.randn(len(shapes.SHAPE_CLASSES), 1, model.clip.embed_dim), dim=-1)
+    parts = clip2sam._Step(model, class_embeddings, job)(collate_instances([dataset[0], dataset[1]]))
+    assert all(torch.isfinite(value) for value in parts.values())
+    assert 0 <= parts["background_recall"] <= 1

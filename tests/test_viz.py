@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from jobs.shapes import SHAPE_CLASSES, draw_image
+from jobs.shapes import SHAPE_CLASSES
 from ovsam_batch.cli import main as cli
 from pipelines.viz.overlay import (
     DISPLAY_MAX_SIDE,
@@ -122,9 +122,15 @@ def test_overlays_have_the_image_size_and_paint_the_masks(label_output, tmp_path
 
 
 def test_each_mask_gets_its_own_palette_colour_deterministically():
-    # Solid shapes with known masks (the tiny model's untrained masks are speckled: all outline).
-    rgb, objects = draw_image(seed=5, index=3, size=320, max_objects=6)
-    assert len(objects) >= 3
+    # Large solid shapes with known masks (the tiny model's untrained masks are speckled: all outline).
+    rgb = np.full((320, 320, 3), 90, np.uint8)
+    objects = []
+    for class_id, (cx, cy) in enumerate([(80, 90), (230, 100), (150, 240)]):
+        mask = np.zeros((320, 320), np.uint8)
+        cv2.circle(mask, (cx, cy), 55, 1, -1)
+        mask = mask.astype(bool) & ~np.logical_or.reduce([m for _, m in objects] or [np.zeros_like(mask, bool)])
+        rgb[mask] = (40 * class_id + 60, 200 - 30 * class_id, 120)
+        objects.append((class_id, mask))
     drawn = [DrawnObject(mask=m, bbox=tuple(_bbox(m)), label=SHAPE_CLASSES[c], score=0.5) for c, m in objects]
     overlay = np.asarray(render_overlay(rgb, drawn)).astype(np.int16)
     assert np.array_equal(overlay, np.asarray(render_overlay(rgb, drawn)))
