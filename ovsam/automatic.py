@@ -3,13 +3,16 @@
 A regular grid of point prompts is decoded in batches against one image embedding, by the head alone.
 Candidates are then kept in order of cost:
 
-1. on the low-resolution logits (256 x 256 for a 1024 input, cropped to the image): mask stability;
+1. on the low-resolution logits (256 x 256 for a 1024 input, cropped to the image): mask stability, and
+   the head's own probability that the region is background (the head is the part trained on "no
+   object"; CLIP has none: its background logit is a constant 0 against cosine x 100, so the fused
+   background probability is near 0 for any region);
 2. at the resolution the mask is stored at (the original image): area, so that no written mask is
    empty or a speck, whatever the ratio between the image and the model input;
 3. duplicates and fragments: greedy non-maximum suppression on mask IoU (boxes cannot tell two
    overlapping shapes apart, nor a fragment from the object around it), best quality first;
 4. only the survivors go through CLIP's region branch and the label fusion, so the CLIP cost grows with
-   the number of objects, not with the grid; then the background and label-score filters and the cap.
+   the number of objects, not with the grid; then the label-score filter and the cap.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ class AutomaticConfig:
     logits. min_area: minimum mask area in pixels of the stored (original-resolution) mask; an empty mask
     is never kept. nms_iou: a mask overlapping a better one by more mask IoU than this is a duplicate; a
     mask lying inside a better one for more than this share of its own area is a fragment of it.
-    max_background: drop masks more likely background than this. min_score: minimum probability of the
-    label. max_objects: keep at most this many per image, the best first.
+    max_background: drop masks the head calls background with a probability above this. min_score: minimum
+    probability of the label. max_objects: keep at most this many per image, the best first.
     """
 
     points_per_side: int = 32  # SAM's default grid, 32 x 32 = 1024 prompts per image
@@ -92,13 +95,13 @@ class AutomaticLabeller:
         candidates, points = candidates.select(keep), points[keep.cpu().numpy()]
         decoded = self.predictor.recognise(features, frame, row, candidates)
         probs = torch.softmax(decoded.fused_logits.float(), dim=-1)
-        labelled = (probs[:, -1] <= cfg.max_background) & (probs[:, :-1].amax(dim=-1) >= cfg.min_score)
+        labelled = probs[:, :-1].amax(dim=-1) >= cfg.min_score
         order = torch.nonzero(labelled).flatten()[: cfg.max_objects]
         return self.predictor.to_prediction(decoded.select(order), frame, "grid", points[order.cpu().numpy()])
 
     def mask_candidates(self, features: ImageFeatures, frame: ImageFrame,
                         row: int) -> tuple[HeadOutput, np.ndarray, torch.Tensor]:
-        """The grid's stable masks: head outputs, grid points [M, 2] xy (original pixels), quality [M].
+        """The grid's stable object masks: head outputs, grid points [M, 2] xy (original pixels), quality [M].
 
         Quality ranks duplicates: stability times the head's probability that the region is an object.
         """
@@ -111,7 +114,7 @@ class AutomaticLabeller:
             head = self.predictor.decode_masks(features, frame, row, batch[:, None, :], "point")
             stability = stability_scores(head.low_res_masks, frame)
             objectness = 1 - head_background_probs(head, self.predictor.class_embeddings)
-            keep = stability >= cfg.stability
+            keep = (stability >= cfg.stability) & (objectness >= 1 - cfg.max_background)
             kept.append(head.select(keep))
             kept_points.append(batch[keep.cpu().numpy()])
             kept_quality.append((stability * objectness)[keep])
