@@ -34,7 +34,7 @@ from pycocotools.cocoeval import COCOeval
 
 from ovsam.vocabulary import Vocabulary, split_synonyms
 from schemas.committed import CommittedTables
-from schemas.tables import ANNOTATIONS_DIR, EVAL_FILE, IMAGES_DIR, STATUS_OK, SchemaError
+from schemas.tables import ANNOTATIONS_DIR, EVAL_FILE, IMAGES_DIR, RUN_FILE, STATUS_OK, SchemaError
 
 PROMPTED_TYPES = ("box", "point")
 AUTO_TYPE = "grid"
@@ -110,6 +110,15 @@ def _read_tables(prefix: str) -> tuple[list[dict], list[dict]]:
         return tables.read(IMAGES_DIR).to_pylist(), tables.read(ANNOTATIONS_DIR).to_pylist()
     except SchemaError as err:
         raise EvalError(str(err)) from None
+
+
+def _run_mode(prefix: str) -> str | None:
+    """The ``mode`` recorded in the output's ``run.json`` (None when it has none)."""
+    fs, root = fsspec.core.url_to_fs(prefix)
+    try:
+        return json.loads(fs.cat_file(f"{root.rstrip('/')}/{RUN_FILE}"))["config"]["mode"]
+    except (FileNotFoundError, KeyError, TypeError, json.JSONDecodeError):
+        return None
 
 
 def _load_ground_truth(path: str) -> COCO:
@@ -319,6 +328,8 @@ def evaluate(config: EvalConfig) -> dict:
         if row["image_uri"] in image_of_uri:
             rows_by_image[image_of_uri[row["image_uri"]]].append(row)
     prompt_types = {row["prompt_type"] for row in annotations}
+    if not prompt_types and _run_mode(config.outputs) == "auto":
+        prompt_types = {AUTO_TYPE}  # an automatic run that found nothing: AP 0 and recall 0, not an error
     if prompt_types and prompt_types <= set(PROMPTED_TYPES):
         mode = "box" if prompt_types == {"box"} else "point" if prompt_types == {"point"} else "box+point"
         report = _evaluate_prompted(rows_by_image, image_ids, coco, config.split)

@@ -163,6 +163,20 @@ def test_auto_mode_coco_ap(tmp_path, capfd):
     assert "index created" not in printed and "Average Precision" not in printed  # no pycocotools chatter
 
 
+def test_an_automatic_run_that_found_nothing_scores_zero_instead_of_failing(tmp_path):
+    """With no annotation at all the prompt types cannot tell the mode; run.json's mode can."""
+    gt = {"images": [{"id": 1, "file_name": "a.jpg", "width": SIDE, "height": SIDE}],
+          "annotations": [_gt_ann(1, 1, 1, _mask(slice(0, 4), slice(0, 4)))], "categories": CATEGORIES[:1]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    _write_outputs(str(tmp_path / "out"), [_image_row("s3://b/a.jpg", n=0)], [])
+    config = evaluation.EvalConfig(str(tmp_path / "out"), str(tmp_path / "gt.json"))
+    with pytest.raises(evaluation.EvalError, match="no annotations to evaluate"):
+        evaluation.evaluate(config)
+    (tmp_path / "out" / "run.json").write_text(json.dumps({"config": {"mode": "auto"}}))
+    report = evaluation.evaluate(config)
+    assert (report["mode"], report["coco_ap"]["AP"], report["recall"], report["predictions"]) == ("auto", 0.0, 0.0, 0)
+
+
 def test_cli_reads_s3_and_writes_eval_json(tmp_path, s3_server):
     bucket = s3_server.make_bucket("eval-outputs")
     gt, images, annotations = _box_case()
