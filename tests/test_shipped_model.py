@@ -7,7 +7,6 @@ re-export shows as a drop in these numbers long before it shows in a demo.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -19,7 +18,6 @@ from ovsam.clip2sam import masks_to_boxes
 # Neither the training set (seed 1), the held-out set (2) nor the validation set (3) of the recipe.
 SEED = 4
 NUM_IMAGES = 30
-IMAGE_SIZE = 256
 # The targets of the model (mean IoU 0.80, accuracy 0.90) less a margin for a sample of 115 objects
 # (they give 0.856 and 0.913; the held-out set of 697 gave 0.862 and 0.917).
 MIN_MEAN_IOU = 0.78
@@ -32,10 +30,8 @@ def test_shipped_shapes_model_segments_and_names_unseen_shapes(tmp_path):
     names = predictor.vocabulary.names
     ious, correct = [], []
     for index in range(NUM_IMAGES):
-        image, objects = shapes.draw_image(SEED, index, IMAGE_SIZE, max_objects=6)
-        # Through JPEG, as the recipe's images are.
-        _, encoded = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, shapes.JPEG_QUALITY])
-        image = np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1])
+        drawn = shapes.draw_image(SEED, index)
+        image, objects = drawn.as_written(), drawn.objects  # through JPEG, as the recipe's images are
         truth = np.stack([mask for _, mask in objects])
         predictor.set_image(image)
         prediction = predictor.predict(boxes=masks_to_boxes(torch.from_numpy(truth)).numpy())
@@ -74,9 +70,8 @@ def test_shipped_shapes_model_finds_unseen_shapes_in_automatic_mode(tmp_path):
              "categories": [{"id": k, "name": n} for k, n in enumerate(shapes.SHAPE_CLASSES)]}
     results, predicted, objects_rles = [], [], []
     for index in range(AUTO_IMAGES):
-        image, objects = shapes.draw_image(SEED, index, IMAGE_SIZE, max_objects=6)
-        _, encoded = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, shapes.JPEG_QUALITY])
-        image = np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1])
+        drawn = shapes.draw_image(SEED, index)
+        image, objects = drawn.as_written(), drawn.objects
         truth["images"].append({"id": index, "height": image.shape[0], "width": image.shape[1]})
         rles = [mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))) for _, mask in objects]
         for (class_id, _), rle in zip(objects, rles):

@@ -63,6 +63,8 @@ NUM_POINTS = 2048
 MAX_INSTANCES = 8
 # Background prompts per object prompt (beyond the release, see jobs.clip2sam).
 BACKGROUND_POINTS = 0.5
+# Held-out images whose long side is at least this times the short side are reported apart ("elongated").
+ELONGATED_RATIO = 1.5
 SHIP_DIR = pathlib.Path(ovsam.config.CHECKPOINT_DIR) / "shapes"
 DESCRIPTION = (
     "Offline demo model: trained on synthetic shapes (circle, square, triangle, star, hexagon) by "
@@ -125,6 +127,15 @@ def _label_and_eval(cli: list[str], images: pathlib.Path, labels: pathlib.Path, 
     subprocess.run([*cli, "label", str(images), "--output", str(labels), "--preset", str(model_dir), *mode], check=True)
     subprocess.run([*cli, "eval", str(labels), "--gt", str(gt)], check=True)
     return json.loads((labels / "eval.json").read_text())
+
+
+def _subset_by_aspect(annotations: pathlib.Path, out: pathlib.Path, keep) -> pathlib.Path:
+    """Write the COCO file restricted to images whose long/short side ratio passes ``keep``."""
+    coco = json.loads(annotations.read_text())
+    images = [img for img in coco["images"] if keep(max(img["width"], img["height"]) / min(img["width"], img["height"]))]
+    ids = {img["id"] for img in images}
+    out.write_text(json.dumps({**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}))
+    return out
 
 
 def run_recipe(config: RecipeConfig) -> dict:
@@ -196,11 +207,19 @@ def run_recipe(config: RecipeConfig) -> dict:
     def evaluate() -> None:
         reports["box"] = _label_and_eval(cli, images, work / "held_out_box", model_dir, held_out, "--mode", "box",
                                          "--prompts", str(held_out))
+        # Box mode again on the square-ish and the elongated images apart: the model must not treat another
+        # aspect ratio (more padding in its input) as another distribution.
+        for name, keep in (("box_square", lambda ratio: ratio < ELONGATED_RATIO),
+                           ("box_elongated", lambda ratio: ratio >= ELONGATED_RATIO)):
+            subset = _subset_by_aspect(held_out, work / f"held_out_{name}.json", keep)
+            subprocess.run([*cli, "eval", str(work / "held_out_box"), "--gt", str(subset)], check=True)
+            reports[name] = json.loads((work / "held_out_box" / "eval.json").read_text())
         reports["automatic"] = _label_and_eval(cli, images, work / "held_out_automatic", model_dir, held_out)
 
     steps.run("label_and_eval_held_out_s", work / "never", evaluate)
     summary = {"timings_s": steps.timings, "final_train_metrics": metrics,
                "held_out_box": reports["box"]["overall"],
+               **{f"held_out_{name}": reports[name]["overall"] for name in ("box_square", "box_elongated")},
                "held_out_automatic": {key: reports["automatic"][key]
                                       for key in ("coco_ap", "recall", "unmatched_per_image", "empty_masks")},
                "model_dir": str(model_dir)}
