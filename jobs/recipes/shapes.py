@@ -205,15 +205,19 @@ def run_recipe(config: RecipeConfig) -> dict:
     reports = {}
 
     def evaluate() -> None:
-        reports["box"] = _label_and_eval(cli, images, work / "held_out_box", model_dir, held_out, "--mode", "box",
-                                         "--prompts", str(held_out))
-        # Box mode again on the square-ish and the elongated images apart: the model must not treat another
-        # aspect ratio (more padding in its input) as another distribution.
-        for name, keep in (("box_square", lambda ratio: ratio < ELONGATED_RATIO),
-                           ("box_elongated", lambda ratio: ratio >= ELONGATED_RATIO)):
-            subset = _subset_by_aspect(held_out, work / f"held_out_{name}.json", keep)
+        # Box mode on the square-ish and the elongated images apart, then on all (its eval.json stays): the
+        # model must not treat another aspect ratio (more padding in its input) as another distribution.
+        subsets = {"box_square": _subset_by_aspect(held_out, work / "held_out_square.json",
+                                                   lambda ratio: ratio < ELONGATED_RATIO),
+                   "box_elongated": _subset_by_aspect(held_out, work / "held_out_elongated.json",
+                                                      lambda ratio: ratio >= ELONGATED_RATIO)}
+        _label_and_eval(cli, images, work / "held_out_box", model_dir, subsets["box_square"], "--mode", "box",
+                        "--prompts", str(held_out))
+        for name, subset in subsets.items():
             subprocess.run([*cli, "eval", str(work / "held_out_box"), "--gt", str(subset)], check=True)
             reports[name] = json.loads((work / "held_out_box" / "eval.json").read_text())
+        subprocess.run([*cli, "eval", str(work / "held_out_box"), "--gt", str(held_out)], check=True)
+        reports["box"] = json.loads((work / "held_out_box" / "eval.json").read_text())
         reports["automatic"] = _label_and_eval(cli, images, work / "held_out_automatic", model_dir, held_out)
 
     steps.run("label_and_eval_held_out_s", work / "never", evaluate)
