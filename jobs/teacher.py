@@ -158,7 +158,7 @@ def precompute(config: PrecomputeConfig) -> dict:
         fn_constructor_kwargs={"config": config.teacher, "images": config.images, "embeddings": config.embeddings,
                                "use_gpu": config.use_gpu},
         batch_size=config.batch_size,
-        concurrency=config.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_gpus=1 if config.use_gpu else 0,
     )
     rows = dataset.take_all()
