@@ -245,7 +245,7 @@ class CocoInstances(torch.utils.data.Dataset):
         masks = [mask for _, _, mask in instances]
         points = [_random_pixel(rng, mask.astype(bool)) for mask in masks]
         is_box = np.zeros(n, bool)
-        is_box[rng.permutation(n)[: n // 2 + rng.integers(0, 2) * (n % 2)]] = True
+        is_box[rng.permutation(n)[: (n + int(rng.integers(2))) // 2]] = True  # half, the odd one either way
         background = self._background_points(rng, frame, on_object, round(self.background_points * n)) if n else []
         size, k = self.image_size, len(background)
         return {
