@@ -90,6 +90,10 @@ class RecipeConfig:
     num_workers: int = 1
     cpus_per_worker: int = 2
     ship: bool = False
+    # A model to fine-tune instead of training from scratch (skips SAM2CLIP; see the module docstring).
+    init: str | None = None
+    # Steps per CLIP2SAM epoch, at most (None: the whole training set).
+    clip2sam_steps: int | None = None
 
 
 def shapes_config() -> dict:
@@ -159,10 +163,15 @@ def run_recipe(config: RecipeConfig) -> dict:
 
     metrics = {}
 
+    # Fine-tuning (--init) starts both training steps from that model; its runs get their own names so
+    # that Ray Train never resumes them from a from-scratch run's checkpoints in the same work folder.
+    suffix = "_finetune" if config.init else ""
+
     def pretrain_clip() -> None:
-        clip_settings = dataclasses.replace(settings("region_clip", config.clip_epochs, work / "after_clip"),
+        clip_settings = dataclasses.replace(settings(f"region_clip{suffix}", config.clip_epochs, work / "after_clip"),
                                             batch_size=2 * config.batch_size)
-        clip_job = shapes_clip.RegionClipJob(str(work / "shapes_preset.json"), str(train), str(work / "train" / "images"))
+        start = config.init or str(work / "shapes_preset.json")
+        clip_job = shapes_clip.RegionClipJob(start, str(train), str(work / "train" / "images"))
         metrics["clip_pretraining"] = shapes_clip.run(clip_job, clip_settings).metrics
 
     steps.run("clip_pretraining_s", work / "after_clip", pretrain_clip)
@@ -176,12 +185,14 @@ def run_recipe(config: RecipeConfig) -> dict:
         teacher.precompute(teacher.PrecomputeConfig(str(distill_dir), str(work / "teacher_embeddings"), TEACHER,
                                                     batch_size=config.batch_size))
 
-    steps.run("precompute_teacher_s", work / "teacher_embeddings", precompute_teacher)
-    steps.run("sam2clip_s", work / "after_sam2clip", lambda: sam2clip.run(
-        sam2clip.Sam2ClipJob(str(work / "after_clip"), str(distill_dir), str(work / "teacher_embeddings")),
-        settings("sam2clip", config.distill_epochs, work / "after_sam2clip")))
-
-    model_dir = work / "after_sam2clip"
+    if config.init:  # the adapter was distilled already; CLIP2SAM trains it on (--train-adapter)
+        model_dir = work / "after_clip"
+    else:
+        steps.run("precompute_teacher_s", work / "teacher_embeddings", precompute_teacher)
+        steps.run("sam2clip_s", work / "after_sam2clip", lambda: sam2clip.run(
+            sam2clip.Sam2ClipJob(str(work / "after_clip"), str(distill_dir), str(work / "teacher_embeddings")),
+            settings("sam2clip", config.distill_epochs, work / "after_sam2clip")))
+        model_dir = work / "after_sam2clip"
     for round_index, epochs in enumerate(config.clip2sam_rounds):
         job = clip2sam.Clip2SamJob(str(model_dir), str(train), str(work / "train" / "images"),
                                    max_instances=MAX_INSTANCES, num_points=NUM_POINTS, train_adapter=True,
@@ -189,7 +200,9 @@ def run_recipe(config: RecipeConfig) -> dict:
         model_dir = work / f"model_round{round_index}"
 
         def train_clip2sam(job=job, round_index=round_index, epochs=epochs, export=model_dir) -> None:
-            metrics["clip2sam"] = clip2sam.run(job, settings(f"clip2sam_round{round_index}", epochs, export)).metrics
+            run_settings = dataclasses.replace(settings(f"clip2sam_round{round_index}{suffix}", epochs, export),
+                                               max_steps=config.clip2sam_steps)
+            metrics["clip2sam"] = clip2sam.run(job, run_settings).metrics
 
         steps.run(f"clip2sam_round{round_index}_s", model_dir, train_clip2sam)
     if config.ship:
@@ -239,11 +252,15 @@ def run_recipe(config: RecipeConfig) -> dict:
 @click.option("--epochs", "clip2sam_rounds", default=RecipeConfig.clip2sam_rounds, multiple=True, type=int,
               show_default=True, help="CLIP2SAM epochs per round (repeat the option for several rounds).")
 @click.option("--ship", is_flag=True, help="Store the result in float16 under ovsam/checkpoints/shapes/.")
+@click.option("--init", default=None,
+              help="Fine-tune this model (e.g. `shapes`, the shipped one) instead of training from scratch.")
+@click.option("--clip2sam-steps", default=None, type=click.IntRange(min=1), help="Steps per CLIP2SAM epoch, at most.")
 def main(work: str, train_images: int, held_out_images: int, clip_epochs: int, clip2sam_rounds: tuple[int, ...],
-         ship: bool) -> None:
+         ship: bool, init: str | None, clip2sam_steps: int | None) -> None:
     """Train, evaluate (and optionally ship) the offline shapes model."""
     summary = run_recipe(RecipeConfig(work=work, train_images=train_images, held_out_images=held_out_images,
-                                      clip_epochs=clip_epochs, clip2sam_rounds=clip2sam_rounds, ship=ship))
+                                      clip_epochs=clip_epochs, clip2sam_rounds=clip2sam_rounds, ship=ship,
+                                      init=init, clip2sam_steps=clip2sam_steps))
     click.echo(json.dumps(summary, indent=1))
 
 
