@@ -23,7 +23,7 @@ from pipelines.config import LabelConfig
 from pipelines.decode import ReadAndDecode
 from pipelines.output import (PART_MAX_BYTES, Lease, OutputError, OutputStore, PartLimits, PartWriter, SendToWriter,
                               WriteFailed)
-from pipelines.predict import CrashLedger, LabelImages, model_task_retries
+from pipelines.predict import CrashLedger, LabelImages
 from pipelines.prompts import load_box_prompts
 from ovsam.redaction import redact_uri
 from pipelines.storage import RETRY_HINT, InputListing, error_reason, is_transient, list_inputs
@@ -419,11 +419,9 @@ def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, items: lis
         fn_constructor_kwargs={"config": config, "vocabulary": vocabulary, "cpu_threads": plan.cpus_per_worker,
                                "crashes": crashes},
         compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
-        num_gpus=plan.gpus_per_worker,
-        # A worker that dies is restarted (max_restarts=-1, Ray Data's default made explicit) and its batch given
-        # again a bounded number of times (Ray Data's default would retry it forever). Ray 2.60 has no named
-        # map_batches parameter for these yet, so they go as remote args (which it warns are deprecated).
-        max_restarts=-1, max_task_retries=model_task_retries(config.batch_size))
+        # A worker that dies is restarted and its batch given again (Ray Data's defaults); `LabelImages` bounds how
+        # often (see `model_task_retries`).
+        num_gpus=plan.gpus_per_worker)
     return dataset.map_batches(
         SendToWriter, batch_size=config.batch_size, batch_format="numpy", fn_constructor_kwargs={"writers": writers},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.workers), num_cpus=0)

@@ -39,8 +39,10 @@ MAX_WORKER_DEATHS = 2
 
 
 def model_task_retries(batch_size: int) -> int:
-    """How often Ray gives a batch again to a restarted model worker: once to find out that the batch is suspect,
-    then `MAX_WORKER_DEATHS` per image at most (finite: a batch never loops forever)."""
+    """How often a batch may be given again to a restarted model worker: once to find out that the batch is
+    suspect, then `MAX_WORKER_DEATHS` per image. Ray Data gives a batch again as often as its worker dies; the
+    model stage counts the deaths (`CrashLedger`) and, beyond this, gives the batch's images up as `MODEL_ERROR`
+    rows, so a batch never loops forever (also when its worker dies outside any one image's model call)."""
     return 1 + batch_size * MAX_WORKER_DEATHS
 
 
@@ -149,9 +151,14 @@ class LabelImages:
         import ray
 
         batch_key = "batch:" + "\n".join(batch["image_uri"][row] for row in todo)
-        suspect = bool(todo) and ray.get(self.crashes.begin.remote(batch_key)) > 0
-        outcomes = (self._predict_one_by_one([batch["image_uri"][row] for row in todo], list(todo.values()))
-                    if suspect else self._predict(list(todo.values())))
+        deaths = ray.get(self.crashes.begin.remote(batch_key)) if todo else 0
+        if deaths > model_task_retries(len(todo)):
+            outcomes = [WorkerDied(f"the model worker process died {deaths} times while labelling the batch of "
+                                   "this image (killed, e.g. out of memory, or crashed)")] * len(todo)
+        elif deaths:
+            outcomes = self._predict_one_by_one([batch["image_uri"][row] for row in todo], list(todo.values()))
+        else:
+            outcomes = self._predict(list(todo.values()))
         for row, outcome in zip(todo, outcomes):
             uri = batch["image_uri"][row]
             try:

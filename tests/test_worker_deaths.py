@@ -3,15 +3,19 @@ a bounded number of times, the image that kills it every time ends as a `model_e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
+import warnings
 
 import pytest
 from ray import cloudpickle
+from ray.util.annotations import RayDeprecationWarning
 
 import pipelines.label
+import pipelines.predict
 from pipelines.config import LabelConfig
 from pipelines.label import run_label
 from pipelines.output import OutputStore
@@ -48,8 +52,25 @@ class CrashingModelStage(LabelImages):
         self.predictor.predict_images, self.predictor.set_image = guarded_predict_images, guarded_set_image
 
 
-@pytest.mark.slow
-def test_an_image_that_kills_the_worker_every_time_ends_as_an_error_row(ray_cluster, tmp_path, monkeypatch):
+class CrashingWhileEncoding(LabelImages):
+    """The real model stage, whose process is killed whenever it encodes the masks of ``img_2.jpg``: after the
+    model call, where no per-image crash count covers it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        columns = pipelines.predict.AnnotationColumns
+
+        class KilledOnPoison(columns):
+            @classmethod
+            def from_prediction(cls, uri, *args, **kwargs):
+                if uri.endswith("/img_2.jpg"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return super().from_prediction(uri, *args, **kwargs)
+
+        pipelines.predict.AnnotationColumns = KilledOnPoison  # in this worker process only
+
+
+def _poison_inputs(tmp_path) -> tuple[list[str], LabelConfig]:
     images_dir = tmp_path / "images"
     images_dir.mkdir()
     names = [f"img_{index}.jpg" for index in range(6)]
@@ -60,10 +81,18 @@ def test_an_image_that_kills_the_worker_every_time_ends_as_an_error_row(ray_clus
     prompts.write_text(json.dumps({"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
                                    "annotations": [{"id": i, "image_id": i, "bbox": [2, 2, 20, 20]}
                                                    for i in range(len(names))]}))
+    return names, LabelConfig(input=str(images_dir), output=str(tmp_path / "out"), mode="box", prompts=str(prompts),
+                              batch_size=3)
+
+
+@pytest.mark.slow
+def test_an_image_that_kills_the_worker_every_time_ends_as_an_error_row(ray_cluster, tmp_path, monkeypatch):
+    names, config = _poison_inputs(tmp_path)
     monkeypatch.setattr(pipelines.label, "LabelImages", CrashingModelStage)
-    config = LabelConfig(input=str(images_dir), output=str(tmp_path / "out"), mode="box", prompts=str(prompts),
-                         batch_size=3)
-    summary = run_label(config, show_progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RayDeprecationWarning)
+        summary = run_label(config, show_progress=False)
+    assert not [w for w in caught if issubclass(w.category, RayDeprecationWarning)], [str(w.message) for w in caught]
 
     rows = {row["image_uri"].rsplit("/", 1)[-1]: row for row in OutputStore(config.output).read_table(IMAGES_DIR).to_pylist()}
     assert sorted(rows) == names
@@ -71,4 +100,20 @@ def test_an_image_that_kills_the_worker_every_time_ends_as_an_error_row(ray_clus
     assert poison["error_kind"] == MODEL_ERROR and f"died each time" in poison["error"]
     assert f"{MAX_WORKER_DEATHS} times" in poison["error"]
     assert all(row["status"] == STATUS_OK for row in rows.values())  # its batch neighbours were labelled
+    assert summary.run_errors == {MODEL_ERROR: 1}
+
+
+@pytest.mark.slow
+def test_a_batch_whose_worker_dies_outside_the_model_call_every_time_ends_as_error_rows(ray_cluster, tmp_path,
+                                                                                        monkeypatch):
+    names, config = _poison_inputs(tmp_path)
+    config = dataclasses.replace(config, batch_size=1)  # the fewest deaths before the batch is given up
+    monkeypatch.setattr(pipelines.label, "LabelImages", CrashingWhileEncoding)
+    summary = run_label(config, show_progress=False)
+
+    rows = {row["image_uri"].rsplit("/", 1)[-1]: row for row in OutputStore(config.output).read_table(IMAGES_DIR).to_pylist()}
+    assert sorted(rows) == names
+    poison = rows.pop("img_2.jpg")
+    assert poison["error_kind"] == MODEL_ERROR and "died 4 times while labelling the batch" in poison["error"]
+    assert all(row["status"] == STATUS_OK for row in rows.values())
     assert summary.run_errors == {MODEL_ERROR: 1}
