@@ -190,16 +190,16 @@ def build_model(config: OVSAMConfig, *, base_dir: Path | None = None, cache_dir:
     Relative weight paths are taken relative to `base_dir` (a model directory). Loading is strict: a file
     whose keys or shapes do not fit raises `WeightsError` listing them.
     """
+    sources = {role: config.weights[role] for role in WEIGHT_ROLES if config.weights.get(role)}
+    if base_dir is not None:
+        sources = {role: source if "://" in source or Path(source).is_absolute() else str(base_dir / source)
+                   for role, source in sources.items()}
+    paths = weight_io.resolve_roles(sources, cache_dir=cache_dir)  # every missing file named at once, first
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = OVSAM(config)
-    for role in WEIGHT_ROLES:
-        source = config.weights.get(role)
-        if not source:
-            continue
-        if base_dir is not None and "://" not in source and not Path(source).is_absolute():
-            source = str(base_dir / source)
-        state = weight_io.load_state_dict(weight_io.resolve(source, cache_dir=cache_dir))
+    for role, source in sources.items():
+        state = weight_io.load_state_dict(paths[role])
         for prefix, attribute in RELEASE_PREFIXES[role]:
             part = weight_io.strip_prefix(state, prefix) if prefix else state
             weight_io.load_strict(model.get_submodule(attribute), part, what=f"{role} ({prefix or 'open_clip'})",

@@ -41,6 +41,9 @@ _OPTIONAL_KEY_SUFFIX = "num_batches_tracked"
 _MAX_LISTED = 8
 _MAX_REASON_CHARS = 300
 _COPY_CHUNK_BYTES = 8 << 20
+HUB_PROBE_TIMEOUT_S = 5.0
+"""Seconds the one request that finds out whether the Hugging Face hub answers may take (`resolve`): long
+enough for a slow link or proxy, short enough that a machine without network learns it at once."""
 
 _LOCAL_COPY_HINT = (
     "To run without network access, download the file on a machine that has it and point at the local copy "
@@ -72,13 +75,57 @@ def resolve(source: str, *, cache_dir: Path | None = None) -> Path:
       ``cache_dir`` (default ``$OVSAM_CACHE_DIR/weights`` or ``~/.cache/ovsam/weights``) under a directory
       keyed by the URL, via a temporary file renamed into place, and reused afterwards without network;
     * ``hf://owner/repo[@revision]/path/in/repo``: fetched with ``huggingface_hub.hf_hub_download`` into the
-      Hugging Face cache; ``HF_HUB_OFFLINE=1`` makes it use only that cache.
+      Hugging Face cache; ``HF_HUB_OFFLINE=1``, or a hub that does not answer one request within
+      `HUB_PROBE_TIMEOUT_S`, makes it use only that cache (no retries against a hub that cannot be reached).
 
     Raises :class:`WeightsError` naming the file (credentials and query strings removed) when it does not
     exist or cannot be fetched.
     """
+    return _resolve(source, cache_dir, _HubReach())
+
+
+def resolve_roles(sources: Mapping[str, str], *, cache_dir: Path | None = None) -> dict[str, Path]:
+    """`resolve` every ``role -> source``; the hub's reachability is found out once for all of them.
+
+    Raises one :class:`WeightsError` for all the files that could not be had, each with its role, its source
+    and why, and the ``--weights ROLE=PATH`` options that would give local copies instead.
+    """
+    hub = _HubReach()
+    paths: dict[str, Path] = {}
+    failures: dict[str, tuple[str, WeightsError]] = {}
+    for role, source in sources.items():
+        try:
+            paths[role] = _resolve(source, cache_dir, hub)
+        except WeightsError as error:
+            failures[role] = (source, error)
+    if not failures:
+        return paths
+    if len(failures) == 1:
+        role, (_, error) = next(iter(failures.items()))
+        raise WeightsError(f"{role} weights: {error}")
+    listed = "; ".join(f"{role} = {getattr(error, 'reason', str(error))}" for role, (_, error) in failures.items())
+    options = " ".join(f"--weights {role}=/PATH/{_file_name(source)}" for role, (source, _) in failures.items())
+    raise WeightsError(
+        f"{len(failures)} weight files of this model are not available here: {listed}. To run without network "
+        f"access, download them on a machine that has it and give the local copies: {options} (or set "
+        f"{CACHE_DIR_ENV} / HF_HOME to caches that hold them)."
+    )
+
+
+def _file_name(source: str) -> str:
+    return Path(unquote(urlsplit(source).path if "://" in source else source)).name or "weights.pth"
+
+
+def _unavailable(shown: str, reason: str, hint: str = _LOCAL_COPY_HINT) -> WeightsError:
+    """A `WeightsError` for a file that cannot be had; ``reason`` (with ``shown``) is kept for `resolve_roles`."""
+    error = WeightsError(f"weights file {shown} {reason}. {hint}")
+    error.reason = f"{shown} ({reason})"
+    return error
+
+
+def _resolve(source: str, cache_dir: Path | None, hub: _HubReach) -> Path:
     if source.startswith(_HUB_SCHEME):
-        return _resolve_hub(source)
+        return _resolve_hub(source, hub)
     if source.startswith(_LOCAL_SCHEMES):
         return _resolve_local(Path(unquote(urlsplit(source).path)), shown=redact_uri(source))
     if "://" in source:
@@ -88,10 +135,8 @@ def resolve(source: str, *, cache_dir: Path | None = None) -> Path:
 
 def _resolve_local(path: Path, *, shown: str) -> Path:
     if not path.exists():
-        raise WeightsError(
-            f"weights file {shown} does not exist. Check the path, or point at the right file with "
-            "--weights NAME=PATH (e.g. --weights clip2sam=/data/clip2sam_coco_rn50x16.pth)."
-        )
+        raise _unavailable(shown, "does not exist", "Check the path, or point at the right file with --weights "
+                                                    "NAME=PATH (e.g. --weights clip2sam=/data/clip2sam_coco_rn50x16.pth).")
     return path
 
 
@@ -117,12 +162,8 @@ def _resolve_remote(url: str, cache_dir: Path) -> Path:
     except Exception as error:  # network, auth and backend errors come in many library-specific types
         underlying = _first_non_missing_cause(error)
         if underlying is None:
-            raise WeightsError(
-                f"weights file {shown} was not found (no such object or path). {_LOCAL_COPY_HINT}"
-            ) from error
-        raise WeightsError(
-            f"could not download weights file {shown}: {_short_reason(underlying)}. {_LOCAL_COPY_HINT}"
-        ) from error
+            raise _unavailable(shown, "was not found (no such object or path)") from error
+        raise _unavailable(shown, f"could not be downloaded: {_short_reason(underlying)}") from error
     finally:
         Path(tmp_name).unlink(missing_ok=True)
     return cached
@@ -153,7 +194,29 @@ def _parse_hub_reference(source: str) -> tuple[str, str | None, str]:
     return f"{owner}/{repo}", unquote(revision) or None, filename
 
 
-def _resolve_hub(source: str) -> Path:
+class _HubReach:
+    """Whether the Hugging Face hub answers, found out by the first download that needs it: one request without
+    retries (huggingface_hub retries a file it cannot find in its cache with backoff, ~25 s per file offline)."""
+
+    def __init__(self) -> None:
+        self.reachable: bool | None = None
+
+    def check(self, repo_id: str, filename: str, revision: str | None) -> bool:
+        if self.reachable is None:
+            from huggingface_hub import get_hf_file_metadata, hf_hub_url
+            from huggingface_hub.errors import HfHubHTTPError
+
+            try:
+                get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=HUB_PROBE_TIMEOUT_S)
+                self.reachable = True
+            except HfHubHTTPError:
+                self.reachable = True  # it answered (404, 401...): the download says what the answer means
+            except Exception:  # noqa: BLE001 - DNS, connection, proxy, TLS, timeout: no hub from here
+                self.reachable = False
+        return self.reachable
+
+
+def _resolve_hub(source: str, hub: _HubReach) -> Path:
     repo_id, revision, filename = _parse_hub_reference(source)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -167,23 +230,21 @@ def _resolve_hub(source: str) -> Path:
     # Read the switch at call time: huggingface_hub itself reads it once, when it is first imported.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     shown = redact_uri(source)
+    if offline or not hub.check(repo_id, filename, revision):
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+            situation = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub could not be reached"
+            raise _unavailable(shown, f"is not available: {situation} and the file is not in the local Hugging "
+                                      "Face cache") from error
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-        situation = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub could not be reached"
-        raise WeightsError(
-            f"weights file {shown} is not available: {situation} and the file is not in the local Hugging Face "
-            f"cache. {_LOCAL_COPY_HINT}"
-        ) from error
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
-        raise WeightsError(
-            f"weights file {shown} was not found on the Hugging Face hub ({type(error).__name__}): check the "
-            f"repository, revision and path (a private or gated repository also needs a token). {_LOCAL_COPY_HINT}"
-        ) from error
+        raise _unavailable(shown, f"was not found on the Hugging Face hub ({type(error).__name__}): check the "
+                                  "repository, revision and path (a private or gated repository also needs a "
+                                  "token)") from error
     except Exception as error:  # HTTP, connection and cache errors come in many library-specific types
-        raise WeightsError(
-            f"could not download weights file {shown}: {_short_reason(error)}. {_LOCAL_COPY_HINT}"
-        ) from error
+        raise _unavailable(shown, f"could not be downloaded: {_short_reason(error)}") from error
 
 
 def _unreadable(path: Path, reason: str) -> WeightsError:

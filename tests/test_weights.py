@@ -16,7 +16,7 @@ from torch import nn
 
 from ovsam.errors import OVSAMError, WeightsError
 from ovsam.redaction import redact_uri
-from ovsam.weights import load_state_dict, load_strict, load_tensor, resolve, strip_prefix
+from ovsam.weights import CACHE_DIR_ENV, load_state_dict, load_strict, load_tensor, resolve, strip_prefix
 
 
 def _small_state() -> dict[str, torch.Tensor]:
@@ -259,7 +259,7 @@ def test_unreachable_url_message_has_no_credentials(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as raised:
         resolve(url, cache_dir=tmp_path)
     message = str(raised.value)
-    assert message.startswith("could not download weights file http://127.0.0.1:9/weights/clip2sam.pth?X-Amz-Signature=REDACTED: ")
+    assert message.startswith("weights file http://127.0.0.1:9/weights/clip2sam.pth?X-Amz-Signature=REDACTED could not be downloaded: ")
     assert "Cannot connect" in message and "--weights" in message
     assert "hunter2" not in message and "deadbeef" not in message and "user" not in message
 
@@ -304,3 +304,62 @@ def test_import_ovsam_modules_loads_no_storage_library() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+class _NoService:
+    """A loopback port that accepts each connection and closes it at once (a host with no working service):
+    counts the connections made to it."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.connections = 0
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            self.connections += 1
+            connection.close()
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def test_offline_a_released_preset_names_every_missing_file_at_once(tmp_path: Path, monkeypatch) -> None:
+    """No hub, no cache: one message with every role, its source and the --weights option to give; the hub is
+    asked once (no retries per file)."""
+    import huggingface_hub.constants
+
+    import ovsam
+
+    hub, elsewhere = _NoService(), _NoService()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "ovsam-cache"))
+    sam = f"{elsewhere.url}/segment_anything/sam_vit_h_4b8939.pth"  # the preset's https source, on loopback
+    try:
+        with pytest.raises(WeightsError) as raised:
+            ovsam.load_model("coco_rn50x16", weights={"sam": sam}, device="cpu")
+    finally:
+        hub.close()
+        elsewhere.close()
+    message = str(raised.value)
+    assert message.startswith("4 weight files of this model are not available here"), message
+    for role, source in [("sam2clip", "hf://HarborYuan/ovsam_models/sam2clip_vith_rn50x16.pth"),
+                         ("clip2sam", "hf://HarborYuan/ovsam_models/clip2sam_coco_rn50x16.pth"),
+                         ("sam", sam), ("clip", "hf://timm/resnet50x16_clip.openai/open_clip_pytorch_model.bin")]:
+        assert f"{role} = {source} (" in message, (role, message)
+    assert ("--weights sam2clip=/PATH/sam2clip_vith_rn50x16.pth --weights clip2sam=/PATH/clip2sam_coco_rn50x16.pth "
+            "--weights sam=/PATH/sam_vit_h_4b8939.pth --weights clip=/PATH/open_clip_pytorch_model.bin") in message
+    assert message.count("the Hugging Face hub could not be reached") == 3
+    assert hub.connections == 1  # one request found out that the hub does not answer, for all three files
