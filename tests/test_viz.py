@@ -424,3 +424,20 @@ def test_default_report_file_sits_beside_a_local_output():
     assert default_report_file("runs/a/") == "runs/a-report.html"
     assert default_report_file("file:///data/labels") == "/data/labels-report.html"
     assert default_report_file("s3://bucket/labels/run1/") == "run1-report.html"
+
+
+@pytest.mark.parametrize("first, second", [("猫", "犬"), ("고양이", "강아지"), ("кошка", "собака"), ("ねこ", "いぬ")])
+def test_non_latin_labels_are_drawn_with_their_own_glyphs(first, second):
+    """Each label's pixels differ from another label's and from the box of a character no font has (U+E000,
+    private use): the characters were drawn, not replaced by empty boxes."""
+    rgb = np.full((120, 200, 3), 90, np.uint8)
+    mask = np.zeros((120, 200), bool)
+    mask[40:100, 20:120] = True
+
+    def label_pixels(label: str) -> np.ndarray:
+        drawn = render_overlay(rgb, [DrawnObject(mask=mask, bbox=(20, 40, 100, 60), label=label, score=0.5)])
+        return np.asarray(drawn)[40:70, 20:200]
+
+    missing = label_pixels("\ue000" * len(second))
+    assert not np.array_equal(label_pixels(first), label_pixels(second))
+    assert not np.array_equal(label_pixels(second), missing)

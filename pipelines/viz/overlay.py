@@ -6,6 +6,8 @@ Everything is deterministic: the same image and annotations give the same pixels
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.resources
 from collections.abc import Sequence
 
 import cv2
@@ -33,6 +35,9 @@ MIN_TEXT_PX, MAX_TEXT_PX = 11, 24
 LABEL_BACKGROUND = (0, 0, 0, 185)  # RGBA behind the label text
 LABEL_TEXT = (255, 255, 255, 255)
 MISSING_IMAGE_GREY = 96  # canvas of an overlay whose source image cannot be read
+# The text font (see `font`): package, file, and the face in that OpenType collection (0: Noto Sans CJK JP;
+# the collection's faces differ only in the regional forms of some Han characters).
+_FONT_PACKAGE, _FONT_FILE, _FONT_INDEX = "noto_cjk_sans_otc", "NotoSansCJK-Regular.ttc", 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +87,13 @@ def objects_from_rows(rows: Sequence[dict], shape: tuple[int, int] | None = None
     return objects
 
 
+@functools.lru_cache(maxsize=16)
 def font(height_px: int) -> ImageFont.FreeTypeFont:
-    """Pillow's bundled font at ``height_px`` (no system fonts needed)."""
-    return ImageFont.load_default(size=height_px)
+    """The text font at ``height_px``: Noto Sans CJK from the ``noto-cjk-sans-otc`` package (no system fonts
+    needed), which draws Latin, Greek and Cyrillic as well as Chinese, Japanese and Korean labels (Pillow's own
+    font has Latin only: other labels came out as empty boxes)."""
+    return ImageFont.truetype(str(importlib.resources.files(_FONT_PACKAGE) / _FONT_FILE), height_px,
+                              index=_FONT_INDEX)
 
 
 def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
