@@ -116,8 +116,9 @@ class _Steps:
         self.path = work / "timings.json"
         self.timings = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def run(self, name: str, done: pathlib.Path, action) -> None:
-        if name in self.timings and done.exists():
+    def run(self, name: str, done: pathlib.Path | None, action) -> None:
+        """Run ``action`` unless it ran before and left ``done``; None: always run (e.g. evaluation)."""
+        if done is not None and name in self.timings and done.exists():
             return
         start = time.perf_counter()
         action()
@@ -125,10 +126,12 @@ class _Steps:
         self.path.write_text(json.dumps(self.timings, indent=1))
 
 
-def _label_and_eval(cli: list[str], images: pathlib.Path, labels: pathlib.Path, model_dir: pathlib.Path,
-                    gt: pathlib.Path, *mode: str) -> dict:
+def _label(cli: list[str], images: pathlib.Path, labels: pathlib.Path, model_dir: pathlib.Path, *mode: str) -> None:
     shutil.rmtree(labels, ignore_errors=True)
     subprocess.run([*cli, "label", str(images), "--output", str(labels), "--preset", str(model_dir), *mode], check=True)
+
+
+def _eval(cli: list[str], labels: pathlib.Path, gt: pathlib.Path) -> dict:
     subprocess.run([*cli, "eval", str(labels), "--gt", str(gt)], check=True)
     return json.loads((labels / "eval.json").read_text())
 
@@ -224,16 +227,14 @@ def run_recipe(config: RecipeConfig) -> dict:
                                                    lambda ratio: ratio < ELONGATED_RATIO),
                    "box_elongated": _subset_by_aspect(held_out, work / "held_out_elongated.json",
                                                       lambda ratio: ratio >= ELONGATED_RATIO)}
-        _label_and_eval(cli, images, work / "held_out_box", model_dir, subsets["box_square"], "--mode", "box",
-                        "--prompts", str(held_out))
+        _label(cli, images, work / "held_out_box", model_dir, "--mode", "box", "--prompts", str(held_out))
         for name, subset in subsets.items():
-            subprocess.run([*cli, "eval", str(work / "held_out_box"), "--gt", str(subset)], check=True)
-            reports[name] = json.loads((work / "held_out_box" / "eval.json").read_text())
-        subprocess.run([*cli, "eval", str(work / "held_out_box"), "--gt", str(held_out)], check=True)
-        reports["box"] = json.loads((work / "held_out_box" / "eval.json").read_text())
-        reports["automatic"] = _label_and_eval(cli, images, work / "held_out_automatic", model_dir, held_out)
+            reports[name] = _eval(cli, work / "held_out_box", subset)
+        reports["box"] = _eval(cli, work / "held_out_box", held_out)
+        _label(cli, images, work / "held_out_automatic", model_dir)
+        reports["automatic"] = _eval(cli, work / "held_out_automatic", held_out)
 
-    steps.run("label_and_eval_held_out_s", work / "never", evaluate)
+    steps.run("label_and_eval_held_out_s", None, evaluate)
     summary = {"timings_s": steps.timings, "final_train_metrics": metrics,
                "held_out_box": reports["box"]["overall"],
                **{f"held_out_{name}": reports[name]["overall"] for name in ("box_square", "box_elongated")},
