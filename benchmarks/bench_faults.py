@@ -89,7 +89,7 @@ def main() -> None:
                 try:
                     summary = run_label(config, show_progress=False)
                 except LabelError as err:
-                    outcomes.append(f"stopped ({str(err)[:60]}...)")
+                    outcomes.append(f"stopped: {err}")
                     continue
                 outcomes.append(f"{summary.run_images} written, {summary.run_deferred} left for next run, "
                                 f"errors {dict(summary.run_errors) or 0}")

@@ -144,7 +144,7 @@ def train_loop(loop_config: dict) -> None:
     """Per-worker loop (Ray Train)."""
     job: Clip2SamJob = loop_config["job"]
     settings: common.RunSettings = loop_config["settings"]
-    device, model, state = common.start_worker(job.model, settings)
+    device, model, state = common.start_worker(job.model, settings, "clip2sam")
     model.config = dataclasses.replace(model.config, trained=True, vocabulary=loop_config["vocabulary_spec"],
                                        seen_classes=loop_config["seen_classes"])
     trained_modules = [model.fpn, model.head.mask_decoder, model.head.label_token, model.head.roi_conv]
@@ -170,7 +170,6 @@ def train_loop(loop_config: dict) -> None:
     sampler, loader = common.worker_loader(dataset, settings, job.loader_workers, collate_fn=collate_instances)
     names = ("loss", "loss_cls", "loss_mask", "loss_dice", "accuracy", "background_recall")
     for epoch in range(start_epoch, settings.epochs):
-        common.maybe_crash(loop_config["crash_once"], epoch)
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         sums, steps, skipped_batches = torch.zeros(len(names) + 1), 0, 0

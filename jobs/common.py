@@ -12,7 +12,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 
 import fsspec
@@ -33,13 +32,6 @@ RELEASE_MILESTONES = (8, 11)
 LR_DECAY = 0.1
 # Checkpoints kept in storage: the latest to resume from and one before it in case the latest is partial.
 CHECKPOINTS_KEPT = 2
-# Test hook, read by the driver and passed to the workers: "MARKER_PATH:RANK:EPOCH" makes the worker of
-# that rank exit abruptly at the start of that epoch, once (the marker file records that it happened).
-# It exists so the resume-after-a-dead-worker path can be tested for real.
-CRASH_ONCE_ENV = "OVSAM_TRAIN_CRASH_ONCE"
-# The controller collects reports by polling workers (every 2 s by default); a worker that dies sooner after
-# a report may take that report's checkpoint with it, so the hook waits longer before dying.
-_CRASH_DELAY_S = 5.0
 # Worker errors carry whole tracebacks; the command shows their start (the worker logs keep the rest).
 _MAX_ERROR_CHARS = 2000
 
@@ -136,17 +128,25 @@ def load_train_state(directory: str) -> dict:
     return torch.load(os.path.join(directory, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
 
 
-def start_worker(spec: str, settings: RunSettings) -> tuple[torch.device, ovsam.OVSAM, dict | None]:
+def start_worker(spec: str, settings: RunSettings, job: str) -> tuple[torch.device, ovsam.OVSAM, dict | None]:
     """Seed torch with ``settings.seed`` and return what a worker starts from: its device; the model it trains,
     on the CPU, from Ray Train's latest checkpoint when the run resumes (after a worker failure or a re-run),
-    else from `spec`; and that checkpoint's training state (None when new)."""
+    else from `spec` and named by `trained_identity`; and that checkpoint's training state (None when new)."""
     torch.manual_seed(settings.seed)
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return device, ovsam.load_model(spec, device="cpu"), None
+        model = ovsam.load_model(spec, device="cpu")
+        model.config = trained_identity(model.config, settings.name, job)
+        return device, model, None
     with checkpoint.as_directory() as directory:
         return device, ovsam.load_model(directory, device="cpu"), load_train_state(directory)
+
+
+def trained_identity(parent: ovsam.OVSAMConfig, name: str, job: str) -> ovsam.OVSAMConfig:
+    """The config of a model that ``job`` (e.g. ``"clip2sam"``) trains from ``parent`` in the run ``name``: named
+    after the run, and saying what it came from (what exported configs, ``label``'s run.json and outputs show)."""
+    return dataclasses.replace(parent, name=name, description=f"{name} (fine-tuned from {parent.name} by {job})")
 
 
 def train_only(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
@@ -206,17 +206,6 @@ def report_epoch(metrics: dict, model: ovsam.OVSAM, optimiser: torch.optim.Optim
         ray.train.report(metrics)
 
 
-def maybe_crash(crash_once: str | None, epoch: int) -> None:
-    """The `CRASH_ONCE_ENV` test hook (no-op unless the driver was given it)."""
-    if not crash_once:
-        return
-    marker, rank, at_epoch = crash_once.rsplit(":", 2)
-    if ray.train.get_context().get_world_rank() == int(rank) and epoch == int(at_epoch) and not os.path.exists(marker):
-        pathlib.Path(marker).touch()
-        time.sleep(_CRASH_DELAY_S)
-        os._exit(1)
-
-
 def run(loop: Callable[[dict], None], loop_config: dict, settings: RunSettings) -> ray.train.Result:
     """Run ``loop`` on ``settings.num_workers`` Ray Train workers and return the result.
 
@@ -227,10 +216,9 @@ def run(loop: Callable[[dict], None], loop_config: dict, settings: RunSettings) 
     if settings.address is not None or not ray.is_initialized():
         ray.init(address=settings.address, ignore_reinit_error=True)
     storage_path, filesystem = storage_filesystem(settings.storage)
-    crash_once = os.environ.get(CRASH_ONCE_ENV)
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "crash_once": crash_once},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                      resources_per_worker={"CPU": settings.cpus_per_worker}),
         run_config=RunConfig(

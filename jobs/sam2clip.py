@@ -67,7 +67,7 @@ def train_loop(loop_config: dict) -> None:
     """Per-worker loop (Ray Train)."""
     job: Sam2ClipJob = loop_config["job"]
     settings: common.RunSettings = loop_config["settings"]
-    device, model, state = common.start_worker(job.model, settings)
+    device, model, state = common.start_worker(job.model, settings, "sam2clip")
     params = common.train_only(model, [model.sam2clip])
     student = ray.train.torch.prepare_model(_Student(model))
     optimiser, scheduler = common.make_optimiser(params, settings)
@@ -76,7 +76,6 @@ def train_loop(loop_config: dict) -> None:
     dataset = DistillationPairs(job.images, job.embeddings, loop_config["paths"], model.config.image_size)
     sampler, loader = common.worker_loader(dataset, settings, job.loader_workers)
     for epoch in range(start_epoch, settings.epochs):
-        common.maybe_crash(loop_config["crash_once"], epoch)
         sampler.set_epoch(epoch)
         total, steps = torch.zeros(2), 0
         for steps, batch in enumerate(loader, start=1):

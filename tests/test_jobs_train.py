@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import sys
+import time
 
 import fsspec
 import numpy as np
@@ -22,12 +25,15 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 
 from click.testing import CliRunner
+from ray import cloudpickle
 
 import ovsam
 from jobs import clip2sam, common, losses, sam2clip, shapes, teacher
 from jobs.data import DataError, read_embedding, read_image
 from ovsam.transforms import preprocess
 from ovsam_batch.cli import main as cli
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray Train workers need not import the tests package
 
 # Small enough for a few CPU steps, large enough for the adapter's 8-token attention windows (128 / 16).
 IMAGE_SIZE = 128
@@ -110,12 +116,39 @@ def test_sam2clip_on_s3_with_two_workers(ray_cluster, s3_server, tmp_path):
     assert errors[1] < errors[0]
 
 
+# Seconds the killed worker waits after its report: Ray Train's controller collects reports by polling the workers
+# (every 2 s by default), and a worker that dies sooner may take that report's checkpoint with it.
+_REPORT_COLLECTED_S = 5.0
+
+
+def _dies_once_after_its_first_report(loop, marker: str):
+    """``loop`` (a Ray Train per-worker loop) whose worker of rank 1 exits abruptly, once (``marker`` records it),
+    right after reporting its first epoch: the crash comes from the test, not from the job's code."""
+
+    def loop_that_dies(loop_config: dict) -> None:
+        import ray.train
+
+        report = ray.train.report
+
+        def report_then_die(metrics, *args, **kwargs):
+            report(metrics, *args, **kwargs)
+            if ray.train.get_context().get_world_rank() == 1 and not os.path.exists(marker):
+                pathlib.Path(marker).touch()
+                time.sleep(_REPORT_COLLECTED_S)
+                os._exit(1)
+
+        ray.train.report = report_then_die  # in this worker process only
+        loop(loop_config)
+
+    return loop_that_dies
+
+
 @pytest.mark.slow
 def test_clip2sam_resumes_after_a_worker_dies(ray_cluster, tmp_path, monkeypatch):
     annotations = _shapes(tmp_path / "data", num_images=12, seed=12)
     preset = _small_preset(tmp_path)
     marker = tmp_path / "worker-1-died"
-    monkeypatch.setenv(common.CRASH_ONCE_ENV, f"{marker}:1:1")
+    monkeypatch.setattr(clip2sam, "train_loop", _dies_once_after_its_first_report(clip2sam.train_loop, str(marker)))
     settings = common.RunSettings(storage=str(tmp_path / "runs"), name="c2s", epochs=2, batch_size=2, lr=TEST_LR,
                                   num_workers=2, max_failures=1, export=str(tmp_path / "export"))
     job = clip2sam.Clip2SamJob(preset, str(annotations), str(tmp_path / "data" / "images"), num_points=512,
@@ -134,6 +167,9 @@ def test_clip2sam_resumes_after_a_worker_dies(ray_cluster, tmp_path, monkeypatch
     trained = ovsam.load_model(export, device="cpu")
     assert trained.config.trained and trained.config.vocabulary == ",".join(shapes.SHAPE_CLASSES)
     assert trained.config.seen_classes == tuple(shapes.SHAPE_CLASSES)
+    # Named after the run and its parent (the restart resumed the renamed model, and did not rename it again).
+    assert trained.config.name == "c2s"
+    assert trained.config.description == f"c2s (fine-tuned from {ovsam.load_config(preset)[0].name} by clip2sam)"
     # The release-layout file alone, given as --weights clip2sam=..., loads into the starting preset.
     as_weights = ovsam.load_model(preset, weights={"clip2sam": str(export / "clip2sam.safetensors")}, device="cpu")
     untrained = ovsam.load_model(preset, device="cpu")

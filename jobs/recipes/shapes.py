@@ -210,7 +210,10 @@ def run_recipe(config: RecipeConfig) -> dict:
         steps.run(f"clip2sam_round{round_index}_s", model_dir, train_clip2sam)
     if config.ship:
         shutil.rmtree(SHIP_DIR, ignore_errors=True)
-        ovsam.save_model(ovsam.load_model(model_dir, device="cpu"), SHIP_DIR, dtype=torch.float16)
+        shipped = ovsam.load_model(model_dir, device="cpu")
+        # The package's model keeps the preset's name and description, not those of the recipe's last run.
+        shipped.config = dataclasses.replace(shipped.config, name="shapes", description=DESCRIPTION)
+        ovsam.save_model(shipped, SHIP_DIR, dtype=torch.float16)
         model_dir = SHIP_DIR
 
     import ray

@@ -91,7 +91,7 @@ def train_loop(loop_config: dict) -> None:
     """Per-worker loop (Ray Train)."""
     job: RegionClipJob = loop_config["job"]
     settings: common.RunSettings = loop_config["settings"]
-    device, model, state = common.start_worker(job.model, settings)
+    device, model, state = common.start_worker(job.model, settings, "shapes_clip")
     vocabulary = ovsam.Vocabulary.from_spec(loop_config["vocabulary_spec"])
     step = _Step(model.clip, vocabulary)
     params = common.train_only(model, [model.clip.model]) + list(step.dense_head.parameters())
@@ -102,7 +102,6 @@ def train_loop(loop_config: dict) -> None:
     dataset = CocoInstances(loop_config["coco"], job.images, model.config.image_size, job.max_instances, settings.seed)
     sampler, loader = common.worker_loader(dataset, settings, num_workers=1, collate_fn=collate_instances)
     for epoch in range(start_epoch, settings.epochs):
-        common.maybe_crash(loop_config["crash_once"], epoch)
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         sums = torch.zeros(6)  # loss, region loss, region accuracy, steps; correct and all shape cells
