@@ -336,7 +336,7 @@ def _load_prompts(config: LabelConfig):
     if config.mode != "box":
         return None
     try:
-        return load_box_prompts(config.prompts, config.endpoint_url)
+        return load_box_prompts(config.prompts, config.endpoint_url, config.storage_attempts)
     except ValueError as err:
         raise LabelError(str(err)) from None
 

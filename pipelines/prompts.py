@@ -18,23 +18,25 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ovsam.redaction import redact_text, redact_uri
-from pipelines.storage import open_fs
+from pipelines.storage import RETRY_HINT, STORAGE_ATTEMPTS, is_transient, open_fs
 
 
 class PromptsFileError(ValueError):
     """The prompts file cannot be read or has the wrong layout; the message says what is wrong."""
 
 
-def load_box_prompts(spec: str, endpoint_url: str | None = None) -> dict[str, np.ndarray]:
-    """Image name → [N, 4] float32 boxes x1, y1, x2, y2 (pixels), from a COCO JSON or Parquet file."""
-    fs, path = open_fs(spec, endpoint_url)
+def load_box_prompts(spec: str, endpoint_url: str | None = None,
+                     attempts: int = STORAGE_ATTEMPTS) -> dict[str, np.ndarray]:
+    """Image name → [N, 4] float32 boxes x1, y1, x2, y2 (pixels), from a COCO JSON or Parquet file, read with
+    ``attempts`` tries per request (the run's ``--storage-attempts``)."""
+    fs, path = open_fs(spec, endpoint_url, attempts)
     shown = redact_uri(spec)
     try:
         with fs.open(path, "rb") as source:
             data = source.read()
     except Exception as err:  # noqa: BLE001 - any fetch failure is one clear message
-        raise PromptsFileError(
-            f"cannot read prompts file {shown}: {type(err).__name__}: {redact_text(str(err))}") from None
+        raise PromptsFileError(f"cannot read prompts file {shown}: {type(err).__name__}: {redact_text(str(err))}"
+                               + (RETRY_HINT if is_transient(err) else "")) from None
     if path.lower().endswith(".parquet"):
         return _from_parquet(data, shown)
     return _from_coco(data, shown)

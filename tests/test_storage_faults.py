@@ -22,6 +22,7 @@ from ovsam.automatic import AutomaticConfig
 from pipelines.config import LabelConfig
 from pipelines.label import LabelError, run_label
 from pipelines.output import LEASE_FILE, Lease, OutputError, OutputStore
+from pipelines.prompts import PromptsFileError, load_box_prompts
 from pipelines.storage import create_exclusive, is_transient, open_fs
 from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR, RUN_FILE, STAGING_DIR, STATUS_OK
 from tests.fault_proxy import FaultProxy
@@ -80,6 +81,18 @@ def test_real_faults_outlasting_the_retries_are_transient_and_a_missing_object_i
     with pytest.raises(FileNotFoundError) as caught:
         fs.cat_file(path)
     assert not is_transient(caught.value)
+
+
+def test_the_prompts_file_is_read_with_the_runs_budget_and_a_transient_failure_says_run_again(s3_server):
+    bucket = s3_server.make_bucket("fault-prompts")
+    fsspec.filesystem("s3").pipe(f"{bucket}/prompts.json", b'{"images": [], "annotations": []}')
+    with FaultProxy(s3_server.endpoint_url, rate=1.0, kinds=("slowdown",)) as proxy:
+        with pytest.raises(PromptsFileError) as caught:
+            load_box_prompts(f"{bucket}/prompts.json", proxy.endpoint_url, attempts=FEW_ATTEMPTS)
+    assert "transient storage fault" in str(caught.value) and "--storage-attempts" in str(caught.value)
+    # botocore tried FEW_ATTEMPTS times per s3fs try (s3fs retries SlowDown 5 times), not the default budget
+    assert proxy.counts["slowdown"] <= 5 * FEW_ATTEMPTS
+    assert load_box_prompts(f"{bucket}/prompts.json", s3_server.endpoint_url, attempts=FEW_ATTEMPTS) == {}
 
 
 def _box_inputs(fs, prefix: str, count: int = NUM_IMAGES) -> tuple[list[str], str]:
