@@ -7,8 +7,7 @@ objects from box and point prompts on COCO-format instance annotations (COCO, LV
 
 The release's recipe (its ``use_point_det`` preprocessor with 40 proposals): per image ``max_instances``
 prompts, the instances repeated until there are that many, half prompted by the ground-truth box and half
-by a random point of the mask; losses 2 x cross-entropy over the classes + background (background weight
-0.1), 5 x mask BCE and 5 x dice on points sampled where the mask is uncertain; recognition is trained on
+by a random point of the mask; losses 2 x cross-entropy over the classes + background, 5 x mask BCE and 5 x dice on points sampled where the mask is uncertain; recognition is trained on
 RoIs of the ground-truth boxes. CLIP, the SAM2CLIP adapter and the prompt encoder stay frozen
 (``train_adapter`` also trains the adapter, for a model whose adapter was never distilled from a useful
 teacher). The class embeddings come from the dataset's category names (or ``vocabulary``) through the
@@ -21,8 +20,8 @@ from the model given (the release initialises it from SAM ViT-H's decoder; give 
 Beyond the release, ``background_points`` (``--background-points R``) adds R background prompts per object
 prompt: points on no object (half of them just outside an object's border, see
 `jobs.data.BORDER_BAND_PIXELS`), whose targets are the background class and an empty mask. They go through
-the same three losses: the cross-entropy (with the release's background weight) teaches the head's
-classifier "no object", the BCE and dice against an all-zero mask teach the decoder to return nothing there.
+the same three losses: the cross-entropy teaches the head's classifier "no object" (their class term has
+weight 1, not the release's no-object weight 0.1: see `jobs.losses.BACKGROUND_PROMPT_WEIGHT`), the BCE and dice against an all-zero mask teach the decoder to return nothing there.
 Their RoI is the box of the mask the model predicts for them (detached), which is what the labeller
 classifies at inference; an empty prediction gives an empty RoI, as at inference. The release trains on
 object prompts only, so its background class is never a target and automatic mode cannot reject a grid
@@ -128,7 +127,8 @@ class _Step(nn.Module):
         bce, dice = losses.mask_losses(out.low_res_masks, batch["masks"][:, None], self.num_points)
         on_object = ~batch["is_background"]
         background = batch["is_background"]
-        return {"loss_cls": losses.classification_loss(logits, batch["labels"]), "loss_mask": bce, "loss_dice": dice,
+        loss_cls = losses.classification_loss(logits, batch["labels"], losses.BACKGROUND_PROMPT_WEIGHT)
+        return {"loss_cls": loss_cls, "loss_mask": bce, "loss_dice": dice,
                 "accuracy": (logits[on_object, :-1].argmax(1) == batch["labels"][on_object]).float().mean(),
                 # Share of background prompts the head calls background (nan-free: 0 when there are none).
                 "background_recall": (logits[background].argmax(1) == logits.shape[1] - 1).float().sum()
