@@ -171,6 +171,9 @@ def run_recipe(config: RecipeConfig) -> dict:
     suffix = "_finetune" if config.init else ""
 
     def pretrain_clip() -> None:
+        if config.clip_epochs == 0:  # fine-tuning CLIP2SAM alone: the model given is the starting point
+            ovsam.save_model(ovsam.load_model(config.init, device="cpu"), work / "after_clip")
+            return
         clip_settings = dataclasses.replace(settings(f"region_clip{suffix}", config.clip_epochs, work / "after_clip"),
                                             batch_size=2 * config.batch_size)
         start = config.init or str(work / "shapes_preset.json")
@@ -252,7 +255,8 @@ def run_recipe(config: RecipeConfig) -> dict:
 @click.option("--work", required=True, type=click.Path(file_okay=False), help="Working folder (data, runs, outputs).")
 @click.option("--train-images", default=RecipeConfig.train_images, show_default=True)
 @click.option("--held-out-images", default=RecipeConfig.held_out_images, show_default=True)
-@click.option("--clip-epochs", default=RecipeConfig.clip_epochs, show_default=True, help="Epochs of CLIP pre-training (step 3).")
+@click.option("--clip-epochs", default=RecipeConfig.clip_epochs, show_default=True, type=click.IntRange(min=0),
+              help="Epochs of CLIP pre-training (step 3); 0 (with --init) skips it.")
 @click.option("--epochs", "clip2sam_rounds", default=RecipeConfig.clip2sam_rounds, multiple=True, type=int,
               show_default=True, help="CLIP2SAM epochs per round (repeat the option for several rounds).")
 @click.option("--ship", is_flag=True, help="Store the result in float16 under ovsam/checkpoints/shapes/.")
@@ -262,6 +266,8 @@ def run_recipe(config: RecipeConfig) -> dict:
 def main(work: str, train_images: int, held_out_images: int, clip_epochs: int, clip2sam_rounds: tuple[int, ...],
          ship: bool, init: str | None, clip2sam_steps: int | None) -> None:
     """Train, evaluate (and optionally ship) the offline shapes model."""
+    if clip_epochs == 0 and init is None:
+        raise click.UsageError("--clip-epochs 0 skips CLIP pre-training, which only a model given with --init can do without")
     summary = run_recipe(RecipeConfig(work=work, train_images=train_images, held_out_images=held_out_images,
                                       clip_epochs=clip_epochs, clip2sam_rounds=clip2sam_rounds, ship=ship,
                                       init=init, clip2sam_steps=clip2sam_steps))
