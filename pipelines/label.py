@@ -23,7 +23,7 @@ from pipelines.config import LabelConfig
 from pipelines.decode import ReadAndDecode
 from pipelines.output import (PART_MAX_BYTES, Lease, OutputError, OutputStore, PartLimits, PartWriter, SendToWriter,
                               WriteFailed)
-from pipelines.predict import CrashLedger, LabelImages
+from pipelines.predict import CrashLedger, LabelImages, model_files
 from pipelines.prompts import load_box_prompts
 from ovsam.redaction import redact_uri
 from pipelines.storage import RETRY_HINT, InputListing, error_reason, is_transient, list_inputs
@@ -46,6 +46,13 @@ _LOG_PROGRESS_INTERVAL_S = 30.0
 # run.json's reason for a run stopped by Ctrl-C (SIGINT).
 INTERRUPTED_MESSAGE = ("stopped by the user (Ctrl-C / SIGINT); what was committed stays, and the same command "
                        "resumes from it")
+
+
+# Ray turns token authentication on by itself for a cluster that ray.init starts (and `ray start --head` when
+# ~/.ray/auth_token exists), but never for a process joining one by an explicit address: it must be told.
+_AUTHENTICATION_MESSAGE = (
+    "the Ray cluster at {} asks for token authentication: set RAY_AUTH_MODE=token and give the cluster's token "
+    "(the RAY_AUTH_TOKEN environment variable, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)")
 
 
 class LabelError(Exception):
@@ -101,7 +108,7 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
     """
     started = time.monotonic()
     started_at = _now()
-    model, vocabulary = _resolve_model(config)
+    model, vocabulary, files = _resolve_model(config)
     boxes_by_name = _load_prompts(config)
     try:
         store = OutputStore(config.output, config.endpoint_url, config.storage_attempts)
@@ -112,7 +119,7 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
     except Exception as err:  # noqa: BLE001 - unreachable store, no credentials, denied: one sentence
         raise LabelError(_output_problem(config, err)) from None
     try:
-        return _run_holding_lease(config, show_progress, store, model, vocabulary, boxes_by_name, started,
+        return _run_holding_lease(config, show_progress, store, model, vocabulary, files, boxes_by_name, started,
                                   started_at, stale_lease)
     finally:
         try:
@@ -122,7 +129,8 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
 
 
 def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputStore, model: _ModelInfo, vocabulary,
-                       boxes_by_name, started: float, started_at: str, stale_lease: dict | None) -> LabelSummary:
+                       files: dict[str, bytes], boxes_by_name, started: float, started_at: str,
+                       stale_lease: dict | None) -> LabelSummary:
     try:
         _check_same_settings(store, config)
         recovery = store.recover()
@@ -153,7 +161,8 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
               "vocabulary": {"name": vocabulary.name, "names": list(vocabulary.names)}}
     try:
         store.write_run_record(record)
-        counts = (_label_items(config, show_progress, vocabulary, items, metadata, already_done=len(selected) - len(items))
+        counts = (_label_items(config, show_progress, vocabulary, files, items, metadata,
+                               already_done=len(selected) - len(items))
                   if items else _RunCounts())
         total_images, total_annotations = store.status_counts()
         outputs = {"images": store.url(IMAGES_DIR), "annotations": store.url(ANNOTATIONS_DIR),
@@ -166,6 +175,9 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
             outputs["coco"] = store.url(written[0] if len(written) == 1 else COCO_DIR)
     except KeyboardInterrupt:  # Ctrl-C (SIGINT): the writers published what they held (see `_label_items`)
         _record_end(store, record, "interrupted", INTERRUPTED_MESSAGE)
+        raise
+    except LabelError as err:  # e.g. the cluster refused to be joined
+        _record_end(store, record, "failed", str(err))
         raise
     except Exception as err:  # noqa: BLE001 - a storage fault that outlasted the retries, here or in a worker
         message = _failure_message(config, err)
@@ -197,16 +209,17 @@ class _RunCounts:
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
-def _label_items(config: LabelConfig, show_progress: bool, vocabulary, items: list[dict], metadata: dict,
-                 already_done: int) -> _RunCounts:
+def _label_items(config: LabelConfig, show_progress: bool, vocabulary, files: dict[str, bytes], items: list[dict],
+                 metadata: dict, already_done: int) -> _RunCounts:
     """Stream ``items`` through Ray Data into committed parts; the counts of what was written. The progress bar
-    counts the run's selected inputs, starting at the ``already_done`` ones an earlier run committed."""
+    counts the run's selected inputs, starting at the ``already_done`` ones an earlier run committed. ``files``:
+    the model (`model_files`), put in the object store once for all model actors."""
     counts = _RunCounts()
     with _ray_session(config):
         plan = _plan(config)
         writers = _start_writers(config, plan, metadata)
         crashes = ray.remote(num_cpus=0)(CrashLedger).remote()
-        dataset = _build_dataset(config, plan, vocabulary, items, writers, crashes)
+        dataset = _build_dataset(config, plan, vocabulary, ray.put(files), items, writers, crashes)
         try:
             with _progress(already_done, already_done + len(items), show_progress) as bar, contextlib.closing(iter(dataset.iter_rows())) as rows:
                 for summary in rows:
@@ -304,19 +317,22 @@ def _work_items(listing: InputListing, selected: range, done: set[str],
 
 
 def _resolve_model(config: LabelConfig):
-    """The model's name/trained flag and the run's vocabulary.
+    """The model's name/trained flag, the run's vocabulary and the model's files (`model_files`).
 
     The model is loaded once here, on CPU, before any worker starts: a missing, unreadable or mismatched
-    checkpoint then ends the run with the model's own one-line message instead of a worker traceback.
+    checkpoint then ends the run with the model's own one-line message instead of a worker traceback. The
+    model actors build from these files (through the object store), so a preset directory or weights path that
+    exists only on the driver's machine, or a hub or bucket only the driver can reach, serves every node.
     """
     import ovsam
 
     try:
-        model_config = ovsam.load_model(config.preset, weights=dict(config.weights) or None, device="cpu").config
-        vocabulary = ovsam.Vocabulary.from_spec(config.vocabulary or model_config.vocabulary or "coco")
+        model = ovsam.load_model(config.preset, weights=dict(config.weights) or None, device="cpu")
+        vocabulary = ovsam.Vocabulary.from_spec(config.vocabulary or model.config.vocabulary or "coco")
     except ovsam.OVSAMError as err:
         raise LabelError(str(err)) from None
-    return _ModelInfo(model_config.name, model_config.trained, model_config.description), vocabulary
+    info = _ModelInfo(model.config.name, model.config.trained, model.config.description)
+    return info, vocabulary, model_files(model)
 
 
 def _check_same_settings(store: OutputStore, config: LabelConfig) -> None:
@@ -351,7 +367,10 @@ class _ray_session:
     def __enter__(self):
         if not ray.is_initialized():
             if self.config.address:
-                ray.init(address=self.config.address, runtime_env=self.config.runtime_env)
+                try:
+                    ray.init(address=self.config.address, runtime_env=self.config.runtime_env)
+                except ray.exceptions.AuthenticationError:
+                    raise LabelError(_AUTHENTICATION_MESSAGE.format(redact_uri(self.config.address))) from None
             else:
                 ray.init(include_dashboard=False, logging_level="WARNING", runtime_env=self.config.runtime_env)
             self.owned = True
@@ -404,7 +423,7 @@ def _start_writers(config: LabelConfig, plan: WorkerPlan, metadata: dict) -> lis
             for _ in range(math.ceil(plan.workers / _MODEL_ACTORS_PER_WRITER))]
 
 
-def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, items: list[dict],
+def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, model: ray.ObjectRef, items: list[dict],
                    writers: list, crashes) -> ray.data.Dataset:
     dataset = ray.data.from_items(
         items, override_num_blocks=max(1, math.ceil(len(items) / (config.batch_size * _BATCHES_PER_BLOCK))))
@@ -416,8 +435,8 @@ def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, items: lis
         num_cpus=1)
     dataset = dataset.map_batches(
         LabelImages, batch_size=config.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"config": config, "vocabulary": vocabulary, "cpu_threads": plan.cpus_per_worker,
-                               "crashes": crashes},
+        fn_constructor_kwargs={"config": config, "vocabulary": vocabulary, "model": model,
+                               "cpu_threads": plan.cpus_per_worker, "crashes": crashes},
         compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
         # A worker that dies is restarted and its batch given again (Ray Data's defaults); `LabelImages` bounds how
         # often (see `model_task_retries`).

@@ -12,7 +12,9 @@ image, so that fixing the prompts file and labelling the image again gives a com
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -104,15 +106,38 @@ def deserialize(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
+def model_files(model) -> dict[str, bytes]:
+    """The model as the files of a model directory (`ovsam.save_model`: config JSON + one safetensors file per
+    weight role), file name → content: what the driver puts in Ray's object store once, so that every model
+    actor, on any node, builds the very model the driver loaded, wherever its preset and weights came from."""
+    import ovsam
+
+    with tempfile.TemporaryDirectory() as directory:
+        ovsam.save_model(model, directory)
+        return {path.name: path.read_bytes() for path in Path(directory).iterdir()}
+
+
+def load_model_files(files: dict[str, bytes]):
+    """The model of `model_files`, on the actor's device (CUDA when present)."""
+    import ovsam
+
+    with tempfile.TemporaryDirectory() as directory:
+        for name, data in files.items():
+            (Path(directory) / name).write_bytes(data)
+        return ovsam.load_model(directory)
+
+
 class LabelImages:
     """Ray Data stage holding one model: decoded-image batch → one result row per image.
 
     Output columns: image_uri, width, height, status, error_kind, error, num_annotations and
     ``annotations`` (Arrow IPC bytes of the image's `ANNOTATIONS_SCHEMA` rows; empty for error rows).
-    ``crashes``: the run's `CrashLedger` actor (see `MAX_WORKER_DEATHS`).
+    ``model``: object ref of the driver's `model_files`. ``crashes``: the run's `CrashLedger` actor (see
+    `MAX_WORKER_DEATHS`).
     """
 
-    def __init__(self, config: LabelConfig, vocabulary, cpu_threads: int, crashes):
+    def __init__(self, config: LabelConfig, vocabulary, model, cpu_threads: int, crashes):
+        import ray
         import torch
 
         import ovsam
@@ -120,7 +145,7 @@ class LabelImages:
         torch.set_num_threads(cpu_threads)  # the CPU slots Ray reserved for this actor (see `plan_workers`)
         self.config = config
         self.crashes = crashes
-        self.model = ovsam.load_model(config.preset, weights=dict(config.weights) or None)
+        self.model = load_model_files(ray.get(model))
         self.label_names = vocabulary.names
         self.predictor = ovsam.Predictor(self.model, vocabulary, top_k=config.top_k)
         self.labeller = (ovsam.AutomaticLabeller(self.predictor, config.automatic)
