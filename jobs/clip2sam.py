@@ -110,15 +110,16 @@ class _Step(nn.Module):
         with torch.set_grad_enabled(self.train_adapter or self.train_clip_image):
             embedding = self.sam2clip(maps)
         fpn_maps = self.fpn(maps)
-        with torch.no_grad():
+        # The frozen prompt encoder in float32 also under autocast, as at inference (`OVSAM.float32`).
+        with torch.no_grad(), torch.autocast(batch["boxes"].device.type, enabled=False):
             # Both prompt kinds give two tokens (a point is padded with SAM's "not a point" token).
             box_sparse, dense = self.prompt_encoder(points=None, boxes=batch["boxes"], masks=None)
             ones = torch.ones(len(batch["points"]), 1, dtype=torch.int64, device=batch["points"].device)
             point_sparse, _ = self.prompt_encoder(points=(batch["points"][:, None], ones), boxes=None, masks=None)
             sparse = torch.where(batch["is_box"][:, None, None], box_sparse, point_sparse)
+            image_pe = self.prompt_encoder.get_dense_pe()
         image_index = batch["image_index"]
-        out = self.head(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, image_index, fpn_maps,
-                        self.image_size)
+        out = self.head(embedding, image_pe, sparse, dense, image_index, fpn_maps, self.image_size)
         # Object prompts: the ground-truth box (the release); background prompts: the predicted mask's box.
         boxes = torch.where(batch["is_background"][:, None], out.mask_boxes.detach(), batch["boxes"])
         rois = torch.cat([image_index[:, None].float(), boxes], dim=1)
@@ -177,7 +178,8 @@ def train_loop(loop_config: dict) -> None:
             if not (~batch["is_background"]).any():
                 skipped_batches += 1
                 continue
-            parts = step({key: value.to(device) for key, value in batch.items()})
+            with common.autocast(device):
+                parts = step({key: value.to(device) for key, value in batch.items()})
             loss = total_loss(parts)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

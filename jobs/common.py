@@ -149,6 +149,13 @@ def trained_identity(parent: ovsam.OVSAMConfig, name: str, job: str) -> ovsam.OV
     return dataclasses.replace(parent, name=name, description=f"{name} (fine-tuned from {parent.name} by {job})")
 
 
+def autocast(device: torch.device) -> torch.autocast:
+    """The forward's precision: bf16 autocast on CUDA (weights, gradients and optimiser state stay float32, and
+    bf16's float32 range needs no loss scaling); float32 elsewhere, since CPUs without bf16 instructions run bf16
+    convolutions and matrix products emulated, many times slower than float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def train_only(model: torch.nn.Module, modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
     """Make ``modules`` the trained part of ``model`` and return their parameters.
 

@@ -79,8 +79,9 @@ def train_loop(loop_config: dict) -> None:
         sampler.set_epoch(epoch)
         total, steps = torch.zeros(2), 0
         for steps, batch in enumerate(loader, start=1):
-            prediction = student(batch["pixels"].to(device))
-            loss = F.mse_loss(prediction, batch["target"].to(device))
+            with common.autocast(device):
+                prediction = student(batch["pixels"].to(device))
+            loss = F.mse_loss(prediction.float(), batch["target"].to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -27,7 +27,7 @@ from segment_anything.utils.amg import build_point_grid, calculate_stability_sco
 from .clip2sam import MASK_LOGIT_THRESHOLD, HeadOutput, classify
 from .model import ImageFeatures
 from .predictor import Prediction, Predictor
-from .transforms import ImageFrame, upscale_masks
+from .transforms import ImageFrame, ResizedImage, upscale_masks
 
 # SAM's stability score is the IoU of a mask thresholded at logit -1 and +1. SAM tunes 0.92 on
 # full-resolution logits; here it is measured on the 256 x 256 logits inside the image (upscaling all
@@ -80,11 +80,12 @@ class AutomaticLabeller:
         self.predictor = predictor
         self.config = config or AutomaticConfig()
 
-    def generate(self, image: np.ndarray) -> Prediction:
-        """All objects of one RGB uint8 [H, W, 3] image; `prompts` holds the grid point (x, y) of each."""
+    def generate(self, image: np.ndarray | ResizedImage) -> Prediction:
+        """All objects of one image (as `Predictor.embed_images` takes it); `prompts` holds the grid point
+        (x, y) of each, original pixels."""
         return self.generate_images([image])[0]
 
-    def generate_images(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+    def generate_images(self, images: Sequence[np.ndarray | ResizedImage]) -> list[Prediction]:
         features, frames = self.predictor.embed_images(images)
         return [self._generate(features, frame, row) for row, frame in enumerate(frames)]
 

@@ -117,7 +117,14 @@ class OVSAM(nn.Module):
             if point_labels is None:
                 point_labels = torch.ones(points.shape[:2], dtype=torch.int64, device=points.device)
             point_pair = (points.float(), point_labels)
-        return self.prompt_encoder(points=point_pair, boxes=boxes, masks=None)
+        with self.float32():
+            return self.prompt_encoder(points=point_pair, boxes=None if boxes is None else boxes.float(), masks=None)
+
+    def float32(self) -> torch.autocast:
+        """No autocast: for the prompt encoder's random Fourier features, whose inputs are coordinates (bf16 has 8
+        significant bits: x = 1001.3 would be 1000) and whose outputs are sines of them times 2 pi times the
+        random frequencies; a few small matrix products, all in float32."""
+        return torch.autocast(self.device.type, enabled=False)
 
     def decode_masks(self, features: ImageFeatures, sparse: torch.Tensor, dense: torch.Tensor,
                      image_index: torch.Tensor) -> HeadOutput:
@@ -126,8 +133,10 @@ class OVSAM(nn.Module):
         image_index: [N] int64 row of `features` each prompt belongs to. The cheap half of `decode`:
         automatic mode runs it on every grid prompt and `recognise` only on the masks it keeps.
         """
-        return self.head(features.embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, image_index,
-                         features.fpn_maps, self.config.image_size)
+        with self.float32():
+            image_pe = self.prompt_encoder.get_dense_pe()
+        return self.head(features.embedding, image_pe, sparse, dense, image_index, features.fpn_maps,
+                         self.config.image_size)
 
     def recognise(
         self,

@@ -18,7 +18,8 @@ import torch
 
 from .clip2sam import MASK_LOGIT_THRESHOLD, HeadOutput, masks_to_boxes
 from .model import OVSAM, Decoded, ImageFeatures
-from .transforms import ImageFrame, mask_run_lengths, preprocess, upscale_masks, validate_boxes, validate_points
+from .transforms import (ImageFrame, ResizedImage, mask_run_lengths, model_input, resize_for_model,
+                         upscale_masks, validate_boxes, validate_points)
 from .vocabulary import Vocabulary, embed_vocabulary
 
 # Full-resolution mask logits (float32) computed at a time when masks are upscaled: 2^26 pixels is 256 MB,
@@ -126,16 +127,19 @@ class Predictor:
             stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
         return stack
 
-    def embed_images(self, images: Sequence[np.ndarray]) -> tuple[ImageFeatures, list[ImageFrame]]:
-        """Embed a batch of RGB uint8 [H, W, 3] images (any sizes) in one forward pass."""
-        inputs, frames = zip(*(preprocess(image, self.model.config.image_size) for image in images))
-        pixels = torch.stack(inputs).to(self.model.device)
+    def embed_images(self, images: Sequence[np.ndarray | ResizedImage]) -> tuple[ImageFeatures, list[ImageFrame]]:
+        """Embed a batch of images in one forward pass: RGB uint8 [H, W, 3] arrays (any sizes, EXIF
+        orientation applied), or images already resized by `transforms.resize_for_model` where they were
+        decoded. Only uint8 pixels travel to the device; normalisation and padding run there."""
+        size = self.model.config.image_size
+        resized = [image if isinstance(image, ResizedImage) else resize_for_model(image, size) for image in images]
+        pixels = torch.stack([model_input(image, self.model.device) for image in resized])
         with self._context():
             features = self.model.embed_image(pixels)
-        return features, list(frames)
+        return features, [image.frame for image in resized]
 
-    def set_image(self, image: np.ndarray) -> None:
-        """Compute and keep the embedding of one RGB uint8 [H, W, 3] image (EXIF orientation applied)."""
+    def set_image(self, image: np.ndarray | ResizedImage) -> None:
+        """Compute and keep the embedding of one image (as `embed_images` takes it)."""
         features, frames = self.embed_images([image])
         self._features, self._frame = features, frames[0]
 
@@ -152,7 +156,8 @@ class Predictor:
             raise RuntimeError("call set_image before predict")
         return self._predict(self._features, self._frame, 0, boxes, points, point_labels, region_boxes)
 
-    def predict_images(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict_images(self, images: Sequence[np.ndarray | ResizedImage],
+                       boxes: Sequence[np.ndarray]) -> list[Prediction]:
         """Box-prompted prediction for several images: one batched embedding pass, then each image's boxes.
 
         A PromptError for one image is raised as is; callers that need per-image errors validate boxes

@@ -1,8 +1,13 @@
-"""Read and decode stage (CPU): image URI → RGB pixels, or an error row with a reason. Never raises per image.
+"""Read and decode stage (CPU): image URI → RGB pixels resized for the model, or an error row with a reason.
+Never raises per image.
 
 Images are decoded by the project's one decoder, `ovsam.images.decode_image` (RGB uint8, display
-orientation). Pixels travel to the model stage as raw bytes plus width/height: a flat binary column
-streams through Ray's object store without ragged-tensor handling.
+orientation), and resized for the model here (`ovsam.transforms.resize_for_model`, the release's filter).
+What travels to the model stage is the resized uint8 image as raw bytes plus the original width/height (a
+flat binary column streams through Ray's object store without ragged-tensor handling). Measured on a
+1600x1200 photo (`benchmarks/bench_gpu.py`, README): the JPEG is the smallest (decoding it in the model actor
+would cost that actor's CPU slot tens of ms per image), the decoded RGB the largest; the resized image is
+in between, and leaves the model actor only the copy to its device.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import numpy as np
 
 from ovsam.images import UNREADABLE, DecodeError, decode_image
 from ovsam.redaction import redact_text, redact_uri
+from ovsam.transforms import resize_for_model
 from pipelines.storage import STORAGE_ATTEMPTS, is_transient, open_fs
 
 # Not an error row: a transient storage fault (throttling, 5xx, reset, timeout) outlasted the retries. The
@@ -21,14 +27,16 @@ DEFERRED = "deferred"
 class ReadAndDecode:
     """Ray Data stage: batch with ``source_uri`` (what the user gave, credentials included: what is fetched),
     ``image_uri`` (its redacted form: what is stored and printed) and pass-through columns → adds width,
-    height, pixels, status.
+    height, pixels, status. ``input_size``: side S of the model input.
 
-    Output columns: ``width``/``height`` (int32, -1 for errors), ``pixels`` (bytes of [H, W, 3] uint8,
-    empty for errors), ``error_kind``/``error`` (empty strings when decoded).
+    Output columns: ``width``/``height`` (int32, of the decoded image, -1 for errors), ``pixels`` (bytes of the
+    [rh, rw, 3] uint8 image resized for the model, `ovsam.transforms.ImageFrame.for_image(height, width, S)`
+    gives rh, rw; empty for errors), ``error_kind``/``error`` (empty strings when decoded).
     """
 
-    def __init__(self, endpoint_url: str | None, storage_attempts: int = STORAGE_ATTEMPTS):
+    def __init__(self, endpoint_url: str | None, input_size: int, storage_attempts: int = STORAGE_ATTEMPTS):
         self.endpoint_url = endpoint_url
+        self.input_size = input_size
         self.storage_attempts = storage_attempts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -39,7 +47,7 @@ class ReadAndDecode:
                 height, width = rgb.shape[:2]
                 widths.append(width)
                 heights.append(height)
-                pixels.append(rgb.tobytes())
+                pixels.append(resize_for_model(rgb, self.input_size).pixels.tobytes())
                 kinds.append("")
                 errors.append("")
             except DecodeError as err:

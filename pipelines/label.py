@@ -98,6 +98,7 @@ class _ModelInfo:
     name: str
     trained: bool
     description: str
+    image_size: int  # side S of the model input: the decode stage resizes images for it
 
 
 def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
@@ -161,7 +162,7 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
               "vocabulary": {"name": vocabulary.name, "names": list(vocabulary.names)}}
     try:
         store.write_run_record(record)
-        counts = (_label_items(config, show_progress, vocabulary, files, items, metadata,
+        counts = (_label_items(config, show_progress, vocabulary, files, model.image_size, items, metadata,
                                already_done=len(selected) - len(items))
                   if items else _RunCounts())
         total_images, total_annotations = store.status_counts()
@@ -209,7 +210,8 @@ class _RunCounts:
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
-def _label_items(config: LabelConfig, show_progress: bool, vocabulary, files: dict[str, bytes], items: list[dict],
+def _label_items(config: LabelConfig, show_progress: bool, vocabulary, files: dict[str, bytes], image_size: int,
+                 items: list[dict],
                  metadata: dict, already_done: int) -> _RunCounts:
     """Stream ``items`` through Ray Data into committed parts; the counts of what was written. The progress bar
     counts the run's selected inputs, starting at the ``already_done`` ones an earlier run committed. ``files``:
@@ -219,7 +221,7 @@ def _label_items(config: LabelConfig, show_progress: bool, vocabulary, files: di
         plan = _plan(config)
         writers = _start_writers(config, plan, metadata)
         crashes = ray.remote(num_cpus=0)(CrashLedger).remote()
-        dataset = _build_dataset(config, plan, vocabulary, ray.put(files), items, writers, crashes)
+        dataset = _build_dataset(config, plan, vocabulary, ray.put(files), image_size, items, writers, crashes)
         try:
             with _progress(already_done, already_done + len(items), show_progress) as bar, contextlib.closing(iter(dataset.iter_rows())) as rows:
                 for summary in rows:
@@ -331,7 +333,7 @@ def _resolve_model(config: LabelConfig):
         vocabulary = ovsam.Vocabulary.from_spec(config.vocabulary or model.config.vocabulary or "coco")
     except ovsam.OVSAMError as err:
         raise LabelError(str(err)) from None
-    info = _ModelInfo(model.config.name, model.config.trained, model.config.description)
+    info = _ModelInfo(model.config.name, model.config.trained, model.config.description, model.config.image_size)
     return info, vocabulary, model_files(model)
 
 
@@ -423,12 +425,13 @@ def _start_writers(config: LabelConfig, plan: WorkerPlan, metadata: dict) -> lis
             for _ in range(math.ceil(plan.workers / _MODEL_ACTORS_PER_WRITER))]
 
 
-def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, model: ray.ObjectRef, items: list[dict],
+def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, model: ray.ObjectRef, image_size: int,
+                   items: list[dict],
                    writers: list, crashes) -> ray.data.Dataset:
     dataset = ray.data.from_items(
         items, override_num_blocks=max(1, math.ceil(len(items) / (config.batch_size * _BATCHES_PER_BLOCK))))
     dataset = dataset.map_batches(
-        ReadAndDecode, fn_constructor_kwargs={"endpoint_url": config.endpoint_url,
+        ReadAndDecode, fn_constructor_kwargs={"endpoint_url": config.endpoint_url, "input_size": image_size,
                                               "storage_attempts": config.storage_attempts},
         batch_size=config.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.decode_actors),

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from pipelines.config import LabelConfig
 from ovsam.redaction import redact_text
+from ovsam.transforms import ImageFrame, ResizedImage
 from schemas.annotations import AnnotationColumns, TooManyAnnotationsError
 from schemas.tables import STATUS_ERROR, STATUS_OK
 
@@ -158,20 +159,21 @@ class LabelImages:
         errors = list(batch["error"])
         annotations: list[bytes] = [b""] * count
         num_annotations = [0] * count
-        todo: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # row → (rgb, boxes)
+        todo: dict[int, tuple[ResizedImage, np.ndarray | None]] = {}  # row → (image, boxes)
         for row in range(count):
             if kinds[row]:
                 status[row] = STATUS_ERROR
                 continue
             width, height = int(batch["width"][row]), int(batch["height"][row])
-            rgb = np.frombuffer(batch["pixels"][row], np.uint8).reshape(height, width, 3)
+            frame = ImageFrame.for_image(height, width, self.model.config.image_size)
+            image = ResizedImage(np.frombuffer(batch["pixels"][row], np.uint8).reshape(*frame.resized_size, 3), frame)
             try:
                 boxes = (checked_boxes(batch["prompt_boxes"][row], width, height)
                          if self.config.mode == "box" else None)
             except PromptCheckError as err:
                 status[row], kinds[row], errors[row] = STATUS_ERROR, err.kind, str(err)
                 continue
-            todo[row] = (rgb, boxes)
+            todo[row] = (image, boxes)
 
         import ray
 
@@ -206,7 +208,7 @@ class LabelImages:
             "annotations": np.array(annotations, dtype=object),
         }
 
-    def _predict(self, work: list[tuple[np.ndarray, np.ndarray | None]]) -> Iterator:
+    def _predict(self, work: list[tuple[ResizedImage, np.ndarray | None]]) -> Iterator:
         """Predictions for ``work`` in order, one at a time; an image whose prediction fails yields its exception.
 
         Images go to the model in groups of at most `MAX_PIXELS_PER_MODEL_CALL` pixels (one batched embedding
@@ -214,49 +216,49 @@ class LabelImages:
         one failed without losing the others.
         """
         for group in pixel_groups(work):
-            images = [rgb for rgb, _ in group]
+            images = [image for image, _ in group]
             try:
                 if self.labeller is not None:
                     predictions = self.labeller.generate_images(images)
                 else:
                     predictions = self.predictor.predict_images(images, [boxes for _, boxes in group])
             except Exception:  # noqa: BLE001 - isolate the failing image below
-                predictions = [self._predict_alone(rgb, boxes) for rgb, boxes in group]
+                predictions = [self._predict_alone(image, boxes) for image, boxes in group]
             yield from predictions
             del predictions  # this group's masks are encoded: free them before the next group runs
 
-    def _predict_one_by_one(self, uris: list[str], work: list[tuple[np.ndarray, np.ndarray | None]]) -> Iterator:
+    def _predict_one_by_one(self, uris: list[str], work: list[tuple[ResizedImage, np.ndarray | None]]) -> Iterator:
         """Predictions for a batch during which a worker died: each image alone, noted in the crash ledger, so that
         an image that kills the worker is found and, after `MAX_WORKER_DEATHS`, yields `WorkerDied` instead."""
         import ray
 
-        for uri, (rgb, boxes) in zip(uris, work):
+        for uri, (image, boxes) in zip(uris, work):
             key = "image:" + uri
             deaths = ray.get(self.crashes.begin.remote(key))
             if deaths >= MAX_WORKER_DEATHS:
                 outcome = WorkerDied(f"the model worker process died each time it labelled this image alone "
                                      f"({deaths} times: killed, e.g. out of memory, or crashed)")
             else:
-                outcome = self._predict_alone(rgb, boxes)
+                outcome = self._predict_alone(image, boxes)
             ray.get(self.crashes.end.remote(key))
             yield outcome
 
-    def _predict_alone(self, rgb: np.ndarray, boxes: np.ndarray | None):
+    def _predict_alone(self, image: ResizedImage, boxes: np.ndarray | None):
         try:
             if self.labeller is not None:
-                return self.labeller.generate(rgb)
-            self.predictor.set_image(rgb)
+                return self.labeller.generate(image)
+            self.predictor.set_image(image)
             return self.predictor.predict(boxes=boxes)
         except Exception as err:  # noqa: BLE001 - becomes this image's error row
             return err
 
 
-def pixel_groups(work: list[tuple[np.ndarray, np.ndarray | None]]) -> Iterator[list]:
-    """Consecutive groups of ``work`` whose images hold at most `MAX_PIXELS_PER_MODEL_CALL` pixels together
-    (an image larger than that forms a group of its own)."""
+def pixel_groups(work: list[tuple[ResizedImage, np.ndarray | None]]) -> Iterator[list]:
+    """Consecutive groups of ``work`` whose images hold at most `MAX_PIXELS_PER_MODEL_CALL` original pixels
+    together (an image larger than that forms a group of its own)."""
     group, pixels = [], 0
     for item in work:
-        size = item[0].shape[0] * item[0].shape[1]
+        size = item[0].frame.original_size[0] * item[0].frame.original_size[1]
         if group and pixels + size > MAX_PIXELS_PER_MODEL_CALL:
             yield group
             group, pixels = [], 0

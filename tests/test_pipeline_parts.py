@@ -12,6 +12,7 @@ import pytest
 
 from pipelines.config import ConfigError, LabelConfig
 from ovsam.images import MAX_IMAGE_PIXELS, DecodeError, decode_image
+from ovsam.transforms import ImageFrame, ResizedImage
 from pipelines.decode import ReadAndDecode
 from pipelines.label import WorkerPlan, plan_workers
 from pipelines.output import OutputStore, Recovery
@@ -78,10 +79,12 @@ def test_read_stage_turns_a_missing_file_into_an_unreadable_row(tmp_path):
     good = next(c for c in image_cases(1) if c.error_kind is None)
     (tmp_path / "good.jpg").write_bytes(good.data)
     uris = np.array([str(tmp_path / "good.jpg"), str(tmp_path / "missing.jpg")], dtype=object)
-    out = ReadAndDecode(endpoint_url=None)({"source_uri": uris, "image_uri": uris})
+    out = ReadAndDecode(endpoint_url=None, input_size=64)({"source_uri": uris, "image_uri": uris})
     assert list(out["error_kind"]) == ["", "unreadable"]
     assert out["width"][0] == good.size[0] and out["width"][1] == -1
-    assert len(out["pixels"][0]) == good.size[0] * good.size[1] * 3 and out["pixels"][1] == b""
+    # What travels on is the image resized for the model's 64-pixel input; width and height stay the original's.
+    rh, rw = ImageFrame.for_image(good.size[1], good.size[0], 64).resized_size
+    assert max(rh, rw) == 64 and len(out["pixels"][0]) == rh * rw * 3 and out["pixels"][1] == b""
 
 
 def test_listing_folder_glob_manifest_and_s3(tmp_path, s3_server):
@@ -134,11 +137,12 @@ def test_config_rejects_contradictions():
 
 
 def test_model_calls_are_grouped_by_pixels():
-    def image(side):
-        return np.zeros((side, side, 3), np.uint8), None
+    def image(side):  # groups count the original pixels, not those resized for the model
+        frame = ImageFrame.for_image(side, side, 16)
+        return ResizedImage(np.zeros((*frame.resized_size, 3), np.uint8), frame), None
 
     work = [image(2000), image(2000), image(2000), image(2000), image(5000), image(10)]  # 4 MP each, 25 MP
-    sizes = [[item[0].shape[0] for item in group] for group in pixel_groups(work)]
+    sizes = [[item[0].frame.original_size[0] for item in group] for group in pixel_groups(work)]
     assert sizes == [[2000] * 4, [5000], [10]]
     assert sum(MAX_PIXELS_PER_MODEL_CALL >= sum(s * s for s in group) for group in sizes) == 2  # 5000² alone
 

@@ -172,7 +172,7 @@ def test_a_presigned_url_is_fetched_as_given_and_stored_redacted(s3_server, tmp_
     monkeypatch.setattr(recorder, "_location", str(tmp_path / "recording"))
     requests.post(f"{s3_server.endpoint_url}/moto-api/recorder/start-recording", timeout=10)
     try:
-        out = ReadAndDecode(endpoint_url=None)(batch)
+        out = ReadAndDecode(endpoint_url=None, input_size=64)(batch)
     finally:
         requests.post(f"{s3_server.endpoint_url}/moto-api/recorder/stop-recording", timeout=10)
     fetched = [json.loads(line)["url"] for line in (tmp_path / "recording").read_text().splitlines()]
