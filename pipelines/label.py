@@ -55,6 +55,12 @@ _AUTHENTICATION_MESSAGE = (
     "(the RAY_AUTH_TOKEN environment variable, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)")
 
 
+_CONNECTION_MESSAGE = (
+    "could not join the Ray cluster at {} ({}): check the address and that the cluster is up; a cluster with "
+    "token authentication refuses a process without its token, which needs RAY_AUTH_MODE=token and the token "
+    "(the RAY_AUTH_TOKEN environment variable, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)")
+
+
 class LabelError(Exception):
     """The run cannot start or cannot go on; the message says why in a user's words."""
 
@@ -373,6 +379,9 @@ class _ray_session:
                     ray.init(address=self.config.address, runtime_env=self.config.runtime_env)
                 except ray.exceptions.AuthenticationError:
                     raise LabelError(_AUTHENTICATION_MESSAGE.format(redact_uri(self.config.address))) from None
+                except ConnectionError as err:  # a refused token shows as this, after Ray's own retries
+                    raise LabelError(_CONNECTION_MESSAGE.format(redact_uri(self.config.address),
+                                                                str(err).splitlines()[0])) from None
             else:
                 ray.init(include_dashboard=False, logging_level="WARNING", runtime_env=self.config.runtime_env)
             self.owned = True
