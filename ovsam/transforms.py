@@ -92,7 +92,10 @@ def model_input(resized: ResizedImage, device: torch.device | str = "cpu") -> to
     conversion to float, the normalisation and the padding run there.
     """
     device = torch.device(device)
-    pixels = torch.from_numpy(np.ascontiguousarray(resized.pixels))
+    pixels = resized.pixels
+    if not pixels.flags.writeable or not pixels.flags.c_contiguous:  # e.g. a view of a received buffer
+        pixels = np.array(pixels)  # torch wraps only writable arrays
+    pixels = torch.from_numpy(pixels)
     if device.type == "cuda":
         pixels = pixels.pin_memory().to(device, non_blocking=True)
     else:
