@@ -7,8 +7,9 @@ objects from box and point prompts on COCO-format instance annotations (COCO, LV
 
 The release's recipe (its ``use_point_det`` preprocessor with 40 proposals): per image ``max_instances``
 prompts, the instances repeated until there are that many, half prompted by the ground-truth box and half
-by a random point of the mask; losses 2 x cross-entropy over the classes + background, 5 x mask BCE and 5 x dice on points sampled where the mask is uncertain; recognition is trained on
-RoIs of the ground-truth boxes. CLIP, the SAM2CLIP adapter and the prompt encoder stay frozen
+by a random point of the mask; losses 2 x cross-entropy over the classes + background, 5 x mask BCE and
+5 x dice on points sampled where the mask is uncertain; recognition is trained on RoIs of the ground-truth
+boxes. CLIP, the SAM2CLIP adapter and the prompt encoder stay frozen
 (``train_adapter`` also trains the adapter, for a model whose adapter was never distilled from a useful
 teacher). The class embeddings come from the dataset's category names (or ``vocabulary``) through the
 model's CLIP text tower. Checkpoints are model directories; ``clip2sam.safetensors`` holds ``fpn_neck.*``
@@ -21,7 +22,8 @@ Beyond the release, ``background_points`` (``--background-points R``) adds R bac
 prompt: points on no object (half of them just outside an object's border, see
 `jobs.data.BORDER_BAND_PIXELS`), whose targets are the background class and an empty mask. They go through
 the same three losses: the cross-entropy teaches the head's classifier "no object" (their class term has
-weight 1, not the release's no-object weight 0.1: see `jobs.losses.BACKGROUND_PROMPT_WEIGHT`), the BCE and dice against an all-zero mask teach the decoder to return nothing there.
+weight 1, not the release's no-object weight 0.1: see `jobs.losses.BACKGROUND_PROMPT_WEIGHT`), the BCE
+and dice against an all-zero mask teach the decoder to return nothing there.
 Their RoI is the box of the mask the model predicts for them (detached), which is what the labeller
 classifies at inference; an empty prediction gives an empty RoI, as at inference. The release trains on
 object prompts only, so its background class is never a target and automatic mode cannot reject a grid
