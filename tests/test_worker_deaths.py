@@ -30,7 +30,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers need 
 
 
 def _die_on_poison(images) -> None:
-    if any(image.shape[:2] == POISON_SIZE for image in images):
+    """`images`: what the model stage gives the model (`ovsam.transforms.ResizedImage`, original size in its frame)."""
+    if any(image.frame.original_size == POISON_SIZE for image in images):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
