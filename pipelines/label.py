@@ -50,15 +50,12 @@ INTERRUPTED_MESSAGE = ("stopped by the user (Ctrl-C / SIGINT); what was committe
 
 # Ray turns token authentication on by itself for a cluster that ray.init starts (and `ray start --head` when
 # ~/.ray/auth_token exists), but never for a process joining one by an explicit address: it must be told.
-_AUTHENTICATION_MESSAGE = (
-    "the Ray cluster at {} asks for token authentication: set RAY_AUTH_MODE=token and give the cluster's token "
-    "(the RAY_AUTH_TOKEN environment variable, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)")
-
-
-_CONNECTION_MESSAGE = (
-    "could not join the Ray cluster at {} ({}): check the address and that the cluster is up; a cluster with "
-    "token authentication refuses a process without its token, which needs RAY_AUTH_MODE=token and the token "
-    "(the RAY_AUTH_TOKEN environment variable, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)")
+_TOKEN_SOURCES = "(the RAY_AUTH_TOKEN environment variable, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)"
+_AUTHENTICATION_MESSAGE = ("the Ray cluster at {} asks for token authentication: set RAY_AUTH_MODE=token and give "
+                           "the cluster's token " + _TOKEN_SOURCES)
+_CONNECTION_MESSAGE = ("could not join the Ray cluster at {} ({}): check the address and that the cluster is up; a "
+                       "cluster with token authentication refuses a process without its token, which needs "
+                       "RAY_AUTH_MODE=token and the token " + _TOKEN_SOURCES)
 
 
 class LabelError(Exception):
@@ -217,8 +214,7 @@ class _RunCounts:
 
 
 def _label_items(config: LabelConfig, show_progress: bool, vocabulary, files: dict[str, bytes], image_size: int,
-                 items: list[dict],
-                 metadata: dict, already_done: int) -> _RunCounts:
+                 items: list[dict], metadata: dict, already_done: int) -> _RunCounts:
     """Stream ``items`` through Ray Data into committed parts; the counts of what was written. The progress bar
     counts the run's selected inputs, starting at the ``already_done`` ones an earlier run committed. ``files``:
     the model (`model_files`), put in the object store once for all model actors."""
