@@ -146,21 +146,27 @@ class OVSAMHead(nn.Module):
         """Decode N prompts against B image embeddings.
 
         image_embeddings: [B, dim, g, g]; image_pe: [1, dim, g, g]; sparse_prompts: [N, T, dim];
-        dense_prompts: [N, dim, g, g]; image_index: [N] int64, the image of each prompt;
-        fpn_feats: four [B, dim, H_i, W_i]; input_size: side S of the model input.
+        dense_prompts: [N, dim, g, g], or [1, dim, g, g] shared by all prompts; image_index: [N] int64, the
+        image of each prompt; fpn_feats: four [B, dim, H_i, W_i]; input_size: side S of the model input.
         """
         decoder = self.mask_decoder
         n = sparse_prompts.shape[0]
         queries = torch.cat([self.label_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([queries.unsqueeze(0).expand(n, -1, -1), sparse_prompts], dim=1)
-        src = image_embeddings[image_index] + dense_prompts
-        pos = image_pe.expand(n, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = decoder.transformer(src, pos, tokens)
+        if dense_prompts.shape[0] == 1 and n and bool((image_index == image_index[0]).all()):
+            # One image and a shared dense prompt (no mask prompts: SAM's no-mask embedding): the image side
+            # enters the transformer once. segment_anything's attention broadcasts a batch of 1 against the N
+            # token sets, so the first layer's image-side projections and additions run once instead of N times
+            # (automatic mode decodes 1,024 grid prompts per image); the result is the same.
+            src = image_embeddings[image_index[:1]] + dense_prompts
+        else:
+            src = image_embeddings[image_index] + dense_prompts
+        c, h, w = src.shape[1:]
+        hs, src = decoder.transformer(src, image_pe, tokens)
         # hs[:, 0] is the label token; the released forward uses only its label MLP, times zero (see label_mlp).
         mask_token = hs[:, 1, :]
 
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
         hyper = decoder.output_hypernetworks_mlps[0](mask_token).unsqueeze(1)
         _, uc, uh, uw = upscaled.shape
         low_res_masks = (hyper @ upscaled.reshape(n, uc, uh * uw)).reshape(n, 1, uh, uw)

@@ -107,7 +107,8 @@ class OVSAM(nn.Module):
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse [N, T, dim] and dense [N, dim, g, g] prompt embeddings.
+        """Sparse [N, T, dim] and dense [1, dim, g, g] prompt embeddings (no mask prompts: one dense embedding,
+        shared by all N prompts).
 
         boxes: [N, 4] xyxy; points: [N, P, 2] xy with point_labels [N, P] (1 foreground, 0 background);
         both in input-frame pixels.
@@ -118,7 +119,9 @@ class OVSAM(nn.Module):
                 point_labels = torch.ones(points.shape[:2], dtype=torch.int64, device=points.device)
             point_pair = (points.float(), point_labels)
         with self.float32():
-            return self.prompt_encoder(points=point_pair, boxes=None if boxes is None else boxes.float(), masks=None)
+            sparse, dense = self.prompt_encoder(points=point_pair, boxes=None if boxes is None else boxes.float(),
+                                                masks=None)
+        return sparse, dense[:1]
 
     def float32(self) -> torch.autocast:
         """No autocast: for the prompt encoder's random Fourier features, whose inputs are coordinates (bf16 has 8

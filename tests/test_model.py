@@ -311,3 +311,26 @@ def test_model_region_branch_matches_the_attention_pool_of_each_region(tiny):
         reference = tiny.clip.model.visual.attnpool(crops)
         ours = tiny.clip.pool_regions(tiny.clip.region_maps(coarse), rois, None)
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_head_with_a_shared_dense_prompt_equals_one_image_side_per_prompt(tiny):
+    """One image and a shared dense prompt: the image side enters the transformer once (batch 1, broadcast
+    against the prompts); the masks and RoI embeddings are those of the image side repeated per prompt."""
+    torch.manual_seed(2)
+    pixels = torch.randn(2, 3, tiny.config.image_size, tiny.config.image_size)
+    points = torch.rand(5, 1, 2) * tiny.config.image_size
+    with torch.inference_mode():
+        features = tiny.embed_image(pixels)
+        sparse, dense = tiny.encode_prompts(points=points)
+        assert dense.shape[0] == 1
+        image_pe = tiny.prompt_encoder.get_dense_pe()
+        for index in (torch.ones(5, dtype=torch.long), torch.tensor([0, 1, 1, 0, 1])):
+            shared = tiny.head(features.embedding, image_pe, sparse, dense, index, features.fpn_maps,
+                               tiny.config.image_size)
+            repeated = tiny.head(features.embedding, image_pe, sparse, dense.expand(5, -1, -1, -1), index,
+                                 features.fpn_maps, tiny.config.image_size)
+            assert shared.low_res_masks.shape == (5, 1, *shared.low_res_masks.shape[-2:])
+            # Not a degenerate comparison: the prompts give different masks, well above the tolerance.
+            assert (shared.low_res_masks[0] - shared.low_res_masks[2]).abs().max() > 1e-2
+            for name in ("low_res_masks", "mask_boxes", "roi_embeddings"):
+                torch.testing.assert_close(getattr(shared, name), getattr(repeated, name), atol=1e-5, rtol=1e-5)
