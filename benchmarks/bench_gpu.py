@@ -21,6 +21,9 @@ Modes: box (``--boxes`` prompts per image) and automatic (each ``--grids`` side:
 * model stage vs bare loop: `pipelines.predict.LabelImages` called in this process on batches as the decode
   stage gives them (a local Ray holds its crash ledger), against a loop over the same predictor calls on
   decoded images (`predict_images` / `generate_images` and the masks' run lengths, nothing else).
+* host rows of object masks: random weights give speckled masks (hundreds of thousands of runs each, which no
+  trained model writes), so the host ms of the annotation rows are also measured on disc-shaped masks of the
+  box mode's and automatic mode's object counts (``--boxes``, ``--auto-objects``).
 * what travels from decode to model stage: the bytes per image of the JPEG, the decoded RGB and the RGB
   resized to the model input, and the host ms to decode and to resize (one CPU thread).
 """
@@ -46,7 +49,7 @@ import ovsam.automatic
 import ovsam.predictor
 from ovsam.config import load_config
 from ovsam.images import decode_image
-from ovsam.transforms import ResizedImage, resize_for_model
+from ovsam.transforms import ImageFrame, ResizedImage, resize_for_model
 from schemas.annotations import AnnotationColumns
 
 IMAGE_HW = (1200, 1600)
@@ -177,6 +180,32 @@ def rows(predictions: list, clock: StageClock, names: list[str]) -> int:
     return objects
 
 
+def object_mask_rows(count: int, input_size: int, device, names: list[str]) -> dict:
+    """Run lengths (device) and annotation rows (host) of ``count`` disc-shaped masks on a 1600x1200 image."""
+    frame = ImageFrame.for_image(*IMAGE_HW, input_size)
+    side = input_size // 4  # the head's low-res logits
+    rng = np.random.default_rng(1)
+    rh, rw = (s // 4 for s in frame.resized_size)
+    centres = torch.as_tensor(rng.uniform(0.1, 0.9, (count, 2)) * np.array([rw, rh]), dtype=torch.float32)
+    radii = torch.as_tensor(rng.uniform(3, rh / 4, count), dtype=torch.float32)
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    distance = ((xx[None] - centres[:, 0, None, None]) ** 2 + (yy[None] - centres[:, 1, None, None]) ** 2).sqrt()
+    logits = (radii[:, None, None] - distance)[:, None].to(device)
+    zeros = np.zeros(count, np.int64)
+    prediction = ovsam.Prediction(logits, frame, zeros, np.ones(count, np.float32), zeros[:, None],
+                                  np.ones((count, 1), np.float32), np.zeros(count, np.float32), "box",
+                                  np.zeros((count, 4), np.float32))
+    clock = StageClock(device)
+    rows([prediction], clock, names)  # warm-up
+    clock.reset()
+    rows([prediction], clock, names)
+    clock.collect()
+    runs = prediction.run_lengths()
+    return {"objects": count, "runs_per_mask": float(np.mean([len(r) for r in runs])),
+            "run_lengths_device_ms": round(1e3 * clock.device_s["run lengths"], 2),
+            "rows_host_ms": round(1e3 * clock.host_s["rows (pycocotools + Arrow)"], 2)}
+
+
 def flops_per_image(fn) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -223,6 +252,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2, help="timed images per mode (after one warm-up batch)")
     parser.add_argument("--batch", type=int, default=1, help="images per model call")
     parser.add_argument("--boxes", type=int, default=20, help="box prompts per image in box mode")
+    parser.add_argument("--auto-objects", type=int, default=64,
+                        help="objects per image of automatic mode for the object-mask host rows")
     parser.add_argument("--grids", default="32,16", help="automatic-mode grid sides, comma-separated")
     parser.add_argument("--skip-pipeline", action="store_true", help="no model stage vs bare loop")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -282,6 +313,11 @@ def main() -> None:
         embed_ms = result["device_stages_ms_per_image"]["embed"]
         result["time_over_one_embedding"] = result["ms_per_image"] / embed_ms
         results["modes"].append(result)
+        print(json.dumps(result), flush=True)
+
+    results["object_masks"] = [object_mask_rows(count, model.config.image_size, device, names)
+                               for count in (args.boxes, args.auto_objects)]
+    for result in results["object_masks"]:
         print(json.dumps(result), flush=True)
 
     if not args.skip_pipeline:
