@@ -70,7 +70,9 @@ def _parse_weights(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str]
 @click.option("--flush-interval", type=float, default=60.0, show_default=True,
               help="Seconds after which each writer publishes what it holds: the most work a kill can lose "
                    "per writer, e.g. 300.")
-@click.option("--limit", type=int, help="Label only the first N inputs (sorted), e.g. --limit 10 to try a command.")
+@click.option("--limit", type=int,
+              help="Label at most N images the output does not hold yet (of a folder into a new output: the first "
+                   "N listed; otherwise any N), e.g. --limit 10 to try a command.")
 @click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", show_envvar=True,
               help="S3-compatible endpoint (MinIO, Ceph...), e.g. http://127.0.0.1:9000. Credentials come from "
                    "the standard AWS chain (env, ~/.aws, instance role), never from options.")

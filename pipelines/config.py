@@ -11,6 +11,8 @@ from pipelines.storage import STORAGE_ATTEMPTS, nested_location
 
 Mode = Literal["auto", "box"]
 MODES: tuple[Mode, ...] = ("auto", "box")
+# Manifests that may carry box prompts in their rows (`pipelines.inputs.BOX_COLUMNS`).
+BOX_MANIFEST_SUFFIXES = (".csv", ".parquet")
 WEIGHT_PARTS = ("sam2clip", "clip2sam", "sam", "clip")
 
 
@@ -22,15 +24,15 @@ class ConfigError(ValueError):
 class LabelConfig:
     """Everything a labelling run needs. Paths are local paths or fsspec URLs (``s3://...``).
 
-    ``input``: folder / prefix (optionally with a glob such as ``s3://b/imgs/**/*.jpg``) or a manifest file
-    (``.txt``/``.lst``/``.csv``-free text, one URI per line). ``output``: prefix the tables are written under.
+    ``input``: folder / prefix (optionally with a glob such as ``s3://b/imgs/**/*.jpg``), one image, or a manifest
+    file (text, one URI per line; or CSV/Parquet with a ``uri`` column and optional boxes, `pipelines.inputs`). ``output``: prefix the tables are written under.
     ``prompts``: COCO JSON or Parquet of boxes per image (box mode only). ``preset``: model preset name,
     preset JSON or model directory (`ovsam.load_model`). ``weights``: part name →
     checkpoint location, overriding the preset's. ``workers``: model actors (None: one per GPU, else 1).
     ``batch_size``: images per model call. ``part_size``: a writer publishes a part once it holds this many images
     (less than a batch more), or `pipelines.output.PART_MAX_BYTES`. ``flush_interval``: seconds after which a writer publishes
-    what it holds, whatever its size (what a kill can lose per writer). ``limit``: label only the first N inputs
-    (sorted), for trying a command. ``runtime_env``: Ray runtime_env for the run's workers
+    what it holds, whatever its size (what a kill can lose per writer). ``limit``: label at most N images that the
+    output does not hold yet (of a folder into a new output: the first N listed; otherwise any N), for trying a command. ``runtime_env``: Ray runtime_env for the run's workers
     (`load_runtime_env`). ``endpoint_url``: S3-compatible endpoint (else ``AWS_ENDPOINT_URL`` or AWS).
     ``storage_attempts``: tries per storage request (read, listing, write) before a transient fault counts as
     outlasting the retries (`pipelines.storage.storage_options`).
@@ -60,8 +62,9 @@ class LabelConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if self.mode == "box" and not self.prompts:
-            raise ConfigError("--mode box needs --prompts (a COCO JSON or Parquet file of boxes per image)")
+        if self.mode == "box" and not self.prompts and not self.input.lower().endswith(BOX_MANIFEST_SUFFIXES):
+            raise ConfigError("--mode box needs --prompts (a COCO JSON or Parquet file of boxes per image) or a "
+                              "CSV/Parquet manifest with box columns as INPUT")
         if self.mode == "auto" and self.prompts:
             raise ConfigError("--prompts is only used with --mode box")
         for part, _ in self.weights:

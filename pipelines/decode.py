@@ -32,6 +32,8 @@ class ReadAndDecode:
     Output columns: ``width``/``height`` (int32, of the decoded image, -1 for errors), ``pixels`` (bytes of the
     [rh, rw, 3] uint8 image resized for the model, `ovsam.transforms.ImageFrame.for_image(height, width, S)`
     gives rh, rw; empty for errors), ``error_kind``/``error`` (empty strings when decoded).
+    A row whose ``entry_error_kind`` is set (its manifest row is malformed, `pipelines.inputs.Admit`) is not
+    fetched; it becomes that error.
     """
 
     def __init__(self, endpoint_url: str | None, input_size: int, storage_attempts: int = STORAGE_ATTEMPTS):
@@ -41,8 +43,10 @@ class ReadAndDecode:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         widths, heights, pixels, kinds, errors = [], [], [], [], []
-        for uri in batch["source_uri"]:
+        for uri, entry_kind, entry_error in zip(batch["source_uri"], batch["entry_error_kind"], batch["entry_error"]):
             try:
+                if entry_kind:  # a malformed manifest row: the image's error row, without fetching it
+                    raise DecodeError(entry_kind, entry_error)
                 rgb = decode_image(self._read(uri))
                 height, width = rgb.shape[:2]
                 widths.append(width)

@@ -15,7 +15,6 @@ import math
 import sys
 import time
 
-import numpy as np
 import ray
 import tqdm
 
@@ -26,16 +25,14 @@ from pipelines.output import (PART_MAX_BYTES, Lease, OutputError, OutputStore, P
 from pipelines.predict import CrashLedger, LabelImages, model_files
 from pipelines.prompts import load_box_prompts
 from ovsam.redaction import redact_uri
-from pipelines.storage import RETRY_HINT, InputListing, error_reason, is_transient, list_inputs
+from pipelines.inputs import InputError, InputSource, InputTally, describe_input, shuffle_partitions, work_dataset
+from pipelines.storage import RETRY_HINT, error_reason, is_transient
 from schemas.tables import ANNOTATIONS_DIR, COCO_DIR, IMAGES_DIR, RUN_FILE, SCHEMA_VERSION
 
 # Settings that change what a label means: a re-run into an output written with other values would mix
 # two kinds of labels in one table, so it is refused.
 _LABEL_SETTINGS = ("mode", "preset", "weights", "vocabulary", "prompts", "top_k")
 _AUTOMATIC_SETTINGS = ("automatic",)  # the filters of automatic mode: compared only in that mode
-# Blocks of the input listing hold this many batches: small enough that work spreads over the decode
-# actors from the start, large enough that a million inputs are not a million scheduler objects.
-_BATCHES_PER_BLOCK = 4
 # Model actors that one part writer serves: a writer compresses and uploads a few hundred images/s of
 # box-mode rows (measured: benchmarks/bench_scale.py), more than four GPU actors make.
 _MODEL_ACTORS_PER_WRITER = 4
@@ -138,25 +135,19 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
     try:
         _check_same_settings(store, config)
         recovery = store.recover()
-        done = store.done_uris()
+        done_parts = store.committed_parts()
     except OutputError as err:
         raise LabelError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - as above
         raise LabelError(_output_problem(config, err)) from None
     try:
-        listing = list_inputs(config.input, config.endpoint_url, config.storage_attempts)
+        source = describe_input(config.input, config.endpoint_url, config.storage_attempts)
+    except InputError as err:
+        raise LabelError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - as above, for the input
         raise LabelError(f"cannot list the input {redact_uri(config.input)}: {error_reason(err)}"
                          + (RETRY_HINT if is_transient(err) else "")) from None
-    if not listing.uris:
-        raise LabelError(f"no images found in {redact_uri(config.input)}")
-
-    selected = range(len(listing.uris))[:config.limit] if config.limit else range(len(listing.uris))
-    items = _work_items(listing, selected, done, boxes_by_name)
-    unmatched = 0
-    if boxes_by_name is not None:
-        known = {listing.keys[i] for i in selected} | {listing.uris[i] for i in selected}
-        unmatched = sum(1 for name in boxes_by_name if name not in known)
+    _check_box_source(config, source)
 
     metadata = {"model": model.name, "model_trained": model.trained, "vocabulary": vocabulary.name,
                 "mode": config.mode}
@@ -165,9 +156,10 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
               "vocabulary": {"name": vocabulary.name, "names": list(vocabulary.names)}}
     try:
         store.write_run_record(record)
-        counts = (_label_items(config, show_progress, vocabulary, files, model.image_size, items, metadata,
-                               already_done=len(selected) - len(items))
-                  if items else _RunCounts())
+        counts, inputs = _label_inputs(config, show_progress, vocabulary, files, model.image_size, source,
+                                       done_parts, boxes_by_name, metadata)
+        if not inputs.get("listed"):
+            raise InputError(f"no images found in {redact_uri(config.input)}")
         total_images, total_annotations = store.status_counts()
         outputs = {"images": store.url(IMAGES_DIR), "annotations": store.url(ANNOTATIONS_DIR),
                    "run": store.url(RUN_FILE)}
@@ -177,7 +169,7 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
                     "date_created": _now(), "schema_version": SCHEMA_VERSION}
             written = store.write_coco(list(vocabulary.names), info)
             outputs["coco"] = store.url(written[0] if len(written) == 1 else COCO_DIR)
-    except KeyboardInterrupt:  # Ctrl-C (SIGINT): the writers published what they held (see `_label_items`)
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT): the writers published what they held (see `_label_inputs`)
         _record_end(store, record, "interrupted", INTERRUPTED_MESSAGE)
         raise
     except LabelError as err:  # e.g. the cluster refused to be joined
@@ -189,10 +181,12 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
             raise
         _record_end(store, record, "failed", message)
         raise LabelError(message) from None
+    unmatched = len(boxes_by_name) - inputs["prompts_matched"] if boxes_by_name is not None else 0
     summary = LabelSummary(
-        listed=len(selected), skipped_done=len(selected) - len(items), ignored_files=listing.ignored,
-        unmatched_prompt_images=unmatched, parts_rolled_forward=recovery.rolled_forward,
-        parts_rolled_back=recovery.rolled_back, stale_lease=stale_lease, run_images=counts.ok + sum(counts.errors.values()),
+        listed=inputs.get("listed", 0), skipped_done=inputs.get("skipped_done", 0),
+        ignored_files=inputs.get("ignored", 0), unmatched_prompt_images=unmatched,
+        parts_rolled_forward=recovery.rolled_forward, parts_rolled_back=recovery.rolled_back,
+        stale_lease=stale_lease, run_images=counts.ok + sum(counts.errors.values()),
         run_ok=counts.ok, run_errors=counts.errors, run_annotations=counts.annotations, run_deferred=counts.deferred,
         seconds=time.monotonic() - started, total_images=total_images, total_annotations=total_annotations,
         model_name=model.name, model_trained=model.trained, outputs={k: redact_uri(v) for k, v in outputs.items()})
@@ -213,19 +207,29 @@ class _RunCounts:
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
-def _label_items(config: LabelConfig, show_progress: bool, vocabulary, files: dict[str, bytes], image_size: int,
-                 items: list[dict], metadata: dict, already_done: int) -> _RunCounts:
-    """Stream ``items`` through Ray Data into committed parts; the counts of what was written. The progress bar
-    counts the run's selected inputs, starting at the ``already_done`` ones an earlier run committed. ``files``:
-    the model (`model_files`), put in the object store once for all model actors."""
+def _label_inputs(config: LabelConfig, show_progress: bool, vocabulary, files: dict[str, bytes], image_size: int,
+                  source: InputSource, done_parts: list[str], boxes_by_name: dict | None,
+                  metadata: dict) -> tuple[_RunCounts, dict]:
+    """Stream the input's images not yet in the output (`pipelines.inputs.work_dataset`) through Ray Data into
+    committed parts; the counts of what was written, and the `InputTally` counts (``listed``, ``skipped_done``,
+    ``ignored``, ``prompts_matched``). The progress bar counts the run's inputs, starting at those an earlier run
+    committed, when a shuffle decided them before labelling (else it counts up without a total). ``files``: the
+    model (`model_files`), put in the object store once for all model actors."""
     counts = _RunCounts()
     with _ray_session(config):
         plan = _plan(config)
+        tally = ray.remote(num_cpus=0)(InputTally).remote()
+        work = work_dataset(
+            source, box_mode=config.mode == "box", done_parts=done_parts, output=config.output,
+            prompts_ref=None if boxes_by_name is None else ray.put(boxes_by_name),  # once, for every actor
+            tally=tally, limit=config.limit, partitions=shuffle_partitions(ray.cluster_resources().get("CPU", 1)))
+        already_done = ray.get(tally.result.remote())[0].get("skipped_done", 0)  # known when work.todo is
+        total = already_done + work.todo if work.todo is not None else config.limit
         writers = _start_writers(config, plan, metadata)
         crashes = ray.remote(num_cpus=0)(CrashLedger).remote()
-        dataset = _build_dataset(config, plan, vocabulary, ray.put(files), image_size, items, writers, crashes)
+        dataset = _build_dataset(config, plan, vocabulary, ray.put(files), image_size, work.dataset, writers, crashes)
         try:
-            with _progress(already_done, already_done + len(items), show_progress) as bar, contextlib.closing(iter(dataset.iter_rows())) as rows:
+            with _progress(already_done, total, show_progress) as bar, contextlib.closing(iter(dataset.iter_rows())) as rows:
                 for summary in rows:
                     if summary["write_error"]:
                         raise WriteFailed(summary["write_error"])
@@ -242,7 +246,8 @@ def _label_items(config: LabelConfig, show_progress: bool, vocabulary, files: di
             failures = _flush_writers(writers)
         if failures:
             raise failures[0]
-    return counts
+        tallied, matched = ray.get(tally.result.remote())
+    return counts, {**tallied, "prompts_matched": matched}
 
 
 def _flush_writers(writers: list) -> list[BaseException]:
@@ -269,9 +274,12 @@ def _output_problem(config: LabelConfig, err: BaseException) -> str:
 
 
 def _failure_message(config: LabelConfig, err: BaseException) -> str | None:
-    """The sentence for a run stopped by a storage failure (also one raised inside a Ray worker and wrapped by
-    Ray); None for anything else (a bug: its traceback is the useful report)."""
-    failed = _in_chain(err, WriteFailed)
+    """The sentence for a run stopped by a storage failure or an input that cannot be read (also one raised inside a
+    Ray worker and wrapped by Ray); None for anything else (a bug: its traceback is the useful report)."""
+    unreadable = _in_chain(err, InputError)
+    if unreadable is not None:  # the input (listing, manifest) or nothing in it: fix it, then run again
+        return str(getattr(unreadable, "cause", None) or unreadable)
+    failed = _in_chain(err, WriteFailed) or _in_chain(err, OutputError)
     if failed is not None:
         reason = str(getattr(failed, "cause", None) or failed)  # a Ray task error keeps the writer's in `cause`
     elif isinstance(err, OSError) or is_transient(err):
@@ -300,24 +308,6 @@ def _in_chain(err: BaseException | None, kind: type) -> BaseException | None:
         seen.add(id(err))
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
     return None
-
-
-def _work_items(listing: InputListing, selected: range, done: set[str],
-                boxes_by_name: dict[str, np.ndarray] | None) -> list[dict]:
-    """One row per selected input not yet done: ``source_uri`` (to read), ``image_uri`` (to store, redacted)
-    and, in box mode, ``prompt_boxes``."""
-    items = []
-    for index in selected:
-        uri = listing.uris[index]
-        if redact_uri(uri) in done:
-            continue
-        item = {"source_uri": uri, "image_uri": redact_uri(uri)}
-        if boxes_by_name is not None:
-            boxes = boxes_by_name.get(uri, boxes_by_name.get(listing.keys[index]))
-            # float32 x1, y1, x2, y2 bytes: one binary column, where ragged float lists would not convert to Arrow.
-            item["prompt_boxes"] = b"" if boxes is None else boxes.astype(np.float32).tobytes()
-        items.append(item)
-    return items
 
 
 def _resolve_model(config: LabelConfig):
@@ -352,8 +342,22 @@ def _check_same_settings(store: OutputStore, config: LabelConfig) -> None:
             f"from its {RUN_FILE}); resuming would mix them: use a new --output or the same settings")
 
 
+def _check_box_source(config: LabelConfig, source: InputSource) -> None:
+    """Box prompts come from one place: the --prompts file or the manifest's box columns (`pipelines.inputs`)."""
+    shown = redact_uri(config.input)
+    if source.box_columns and config.mode != "box":
+        raise LabelError(f"the manifest {shown} has box columns ({', '.join(source.box_columns)}): label it with "
+                         "--mode box, or use a manifest without them for automatic mode")
+    if source.box_columns and config.prompts:
+        raise LabelError(f"the manifest {shown} has box columns and --prompts gives boxes too: give them one way")
+    if config.mode == "box" and not config.prompts and not source.box_columns:
+        raise LabelError(f"--mode box needs --prompts or a CSV/Parquet manifest with box columns "
+                         f"(boxes, or x0, y0, x1, y1); {shown} has none")
+
+
 def _load_prompts(config: LabelConfig):
-    if config.mode != "box":
+    """The --prompts file's boxes by image name; None without one (automatic mode, or boxes in the manifest)."""
+    if config.mode != "box" or not config.prompts:
         return None
     try:
         return load_box_prompts(config.prompts, config.endpoint_url, config.storage_attempts)
@@ -431,11 +435,8 @@ def _start_writers(config: LabelConfig, plan: WorkerPlan, metadata: dict) -> lis
 
 
 def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, model: ray.ObjectRef, image_size: int,
-                   items: list[dict],
-                   writers: list, crashes) -> ray.data.Dataset:
-    dataset = ray.data.from_items(
-        items, override_num_blocks=max(1, math.ceil(len(items) / (config.batch_size * _BATCHES_PER_BLOCK))))
-    dataset = dataset.map_batches(
+                   work: ray.data.Dataset, writers: list, crashes) -> ray.data.Dataset:
+    dataset = work.map_batches(
         ReadAndDecode, fn_constructor_kwargs={"endpoint_url": config.endpoint_url, "input_size": image_size,
                                               "storage_attempts": config.storage_attempts},
         batch_size=config.batch_size,

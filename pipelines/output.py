@@ -224,14 +224,6 @@ class OutputStore:
                 self.fs.rmdir(folder)  # folders emptied above (object stores have no folders)
         return Recovery(rolled_forward=len(forward), rolled_back=len(part_ids) - len(forward))
 
-    def done_uris(self) -> set[str]:
-        """``image_uri`` of every images row already committed (labelled or error): what a re-run skips.
-
-        Raises `OutputError` if a part was written with another schema version.
-        """
-        return {uri for batch in self._scan(IMAGES_DIR, ["image_uri"])
-                for uri in batch.column("image_uri").to_pylist()}
-
     def status_counts(self) -> tuple[collections.Counter, int]:
         """Over all committed parts: Counter of ``"ok"`` / error kinds per image, and the annotation count."""
         counts: collections.Counter = collections.Counter()
@@ -242,10 +234,11 @@ class OutputStore:
             annotations += int(pc.sum(batch.column("num_annotations")).as_py() or 0)
         return counts, annotations
 
-    def read_table(self, kind: str, part_ids: list[str] | None = None) -> pa.Table:
-        """Committed rows of ``kind`` (``"images"`` or ``"annotations"``), of all parts or of ``part_ids``."""
+    def read_table(self, kind: str, part_ids: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
+        """Committed rows of ``kind`` (``"images"`` or ``"annotations"``), of all parts or of ``part_ids``; all
+        columns or ``columns``."""
         try:
-            return self.tables.read(kind, part_ids=part_ids)
+            return self.tables.read(kind, columns=columns, part_ids=part_ids)
         except SchemaError as err:
             raise OutputError(f"{err}; write to a new --output") from None
 

@@ -1,4 +1,4 @@
-"""Storage through fsspec: resolving URLs, listing inputs, atomic publishing, keeping secrets out of output.
+"""Storage through fsspec: resolving URLs, atomic publishing, keeping secrets out of output (inputs: `pipelines.inputs`).
 
 Local paths, ``file://``, ``s3://`` and any other fsspec protocol work alike. S3 uses the standard AWS
 credential chain (environment, config files, instance roles), and the endpoint is, in order: the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import http.client
@@ -28,10 +27,10 @@ from collections.abc import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ovsam.images import IMAGE_SUFFIXES
 from ovsam.redaction import redact_text, redact_uri
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
+# Characters that make an input a glob pattern (fsspec glob syntax).
+GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 # Attempts per storage request (the first try included) unless --storage-attempts says otherwise. botocore's
@@ -120,41 +119,6 @@ def join(prefix: str, *names: str) -> str:
     return posixpath.join(prefix.rstrip("/"), *names)
 
 
-@dataclasses.dataclass(frozen=True)
-class InputListing:
-    """The inputs of a run. ``uris``: sorted, protocol-qualified. ``keys[i]``: the name of ``uris[i]`` relative
-    to the input root (what a prompts file calls it). ``ignored``: files in a listed folder without an
-    image suffix (counted so that the summary can say so; a glob or manifest ignores nothing)."""
-
-    uris: tuple[str, ...]
-    keys: tuple[str, ...]
-    ignored: int
-
-
-def list_inputs(spec: str, endpoint_url: str | None = None, attempts: int = STORAGE_ATTEMPTS) -> InputListing:
-    """List ``spec``: a folder/prefix (recursively, image suffixes), a glob, or a manifest file (one URI a line).
-
-    Manifest lines may be absolute URIs or paths relative to the manifest's folder; blank lines and lines
-    starting with ``#`` are skipped. Raises FileNotFoundError when ``spec`` names nothing.
-    """
-    fs, path = open_fs(spec, endpoint_url, attempts)
-    if is_local(fs):
-        path = posixpath.normpath(path)  # one image, one URI: no `..` or `.` segments
-    if _GLOB_CHARS.search(path):
-        root = _GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0]
-        paths = [p for p in fs.glob(path) if not fs.isdir(p)]
-        return _listing(fs, root, sorted(paths), ignored=0)
-    if fs.isdir(path):
-        files = sorted(fs.find(path))
-        images = [p for p in files if p.lower().endswith(IMAGE_SUFFIXES)]
-        return _listing(fs, path, images, ignored=len(files) - len(images))
-    if not fs.exists(path):
-        raise FileNotFoundError(f"input {redact_uri(spec)} does not exist")
-    if path.lower().endswith(IMAGE_SUFFIXES):
-        return _listing(fs, posixpath.dirname(path), [path], ignored=0)
-    return _manifest(fs, path)
-
-
 def canonical_location(spec: str) -> str:
     """``spec`` as a comparable location: local paths absolute and normalised (``file://`` prefix), URLs with
     their path normalised and no trailing slash. Does no IO."""
@@ -169,7 +133,7 @@ def nested_location(input_spec: str, output: str) -> str | None:
     """A sentence when the output lies inside the input folder or the input inside the output (a re-run would
     label the tool's own files, or write into what it reads); None when they are apart. A glob's folder is
     the part before its first wildcard."""
-    root = _GLOB_CHARS.split(input_spec, 1)[0]
+    root = GLOB_CHARS.split(input_spec, 1)[0]
     source = canonical_location(root.rsplit("/", 1)[0] if root != input_spec else input_spec)
     target = canonical_location(output)
     if source == target:
@@ -181,36 +145,6 @@ def nested_location(input_spec: str, output: str) -> str | None:
         return (f"the input {redact_uri(input_spec)} is inside --output {redact_uri(output)}: choose an output "
                 "that does not contain the input")
     return None
-
-
-def _listing(fs: fsspec.AbstractFileSystem, root: str, paths: list[str], ignored: int) -> InputListing:
-    root = root.rstrip("/")
-    keys = tuple(p[len(root) + 1:] if p.startswith(root + "/") else p for p in paths)
-    return InputListing(uris=tuple(fs.unstrip_protocol(p) for p in paths), keys=keys, ignored=ignored)
-
-
-def _manifest(fs: fsspec.AbstractFileSystem, path: str) -> InputListing:
-    """The manifest's URIs; a key is the URI relative to the folder all entries share (their input root)."""
-    base = posixpath.dirname(path)
-    uris: set[str] = set()  # a URI listed twice is one input
-    with fs.open(path, "rt") as lines:
-        for line in lines:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("file://"):
-                local, local_path = fsspec.core.url_to_fs(line)
-                uris.add(local.unstrip_protocol(posixpath.normpath(local_path)))
-            elif "://" in line:
-                uris.add(line)  # an object key may hold `..` literally; only paths are normalised
-            else:
-                # Relative to the manifest's folder, `..` resolved, so that one image has one URI (and
-                # one annotation id) whichever manifest lists it.
-                uris.add(fs.unstrip_protocol(posixpath.normpath(line if line.startswith("/") else posixpath.join(base, line))))
-    ordered = sorted(uris)
-    root = posixpath.commonprefix(ordered).rsplit("/", 1)[0] if ordered else ""
-    keys = tuple(uri[len(root) + 1:] if root else uri for uri in ordered)
-    return InputListing(uris=tuple(ordered), keys=keys, ignored=0)
 
 
 def publish_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

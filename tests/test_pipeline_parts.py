@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -26,7 +25,7 @@ from pipelines.predict import (
 )
 from pipelines.prompts import PromptsFileError, load_box_prompts
 from ovsam.redaction import redact_text, redact_uri
-from pipelines.storage import list_inputs, open_for_publish, open_fs
+from pipelines.storage import open_for_publish, open_fs
 from schemas.annotations import AnnotationColumns
 from schemas.tables import ANNOTATIONS_DIR, IMAGES_DIR, IMAGES_SCHEMA, STAGING_DIR
 from tests.pipeline_cases import huge_png_header, image_cases
@@ -79,39 +78,14 @@ def test_read_stage_turns_a_missing_file_into_an_unreadable_row(tmp_path):
     good = next(c for c in image_cases(1) if c.error_kind is None)
     (tmp_path / "good.jpg").write_bytes(good.data)
     uris = np.array([str(tmp_path / "good.jpg"), str(tmp_path / "missing.jpg")], dtype=object)
-    out = ReadAndDecode(endpoint_url=None, input_size=64)({"source_uri": uris, "image_uri": uris})
+    fine = np.array(["", ""], dtype=object)
+    out = ReadAndDecode(endpoint_url=None, input_size=64)({"source_uri": uris, "image_uri": uris,
+                                                           "entry_error_kind": fine, "entry_error": fine})
     assert list(out["error_kind"]) == ["", "unreadable"]
     assert out["width"][0] == good.size[0] and out["width"][1] == -1
     # What travels on is the image resized for the model's 64-pixel input; width and height stay the original's.
     rh, rw = ImageFrame.for_image(good.size[1], good.size[0], 64).resized_size
     assert max(rh, rw) == 64 and len(out["pixels"][0]) == rh * rw * 3 and out["pixels"][1] == b""
-
-
-def test_listing_folder_glob_manifest_and_s3(tmp_path, s3_server):
-    for name in ("b.jpg", "a.PNG", "sub/c.jpeg", "notes.txt"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_bytes(b"x")
-    folder = list_inputs(str(tmp_path))
-    assert folder.keys == ("a.PNG", "b.jpg", "sub/c.jpeg") and folder.ignored == 1
-    assert all(uri.startswith("file://") for uri in folder.uris)
-    assert list_inputs(str(tmp_path / "*.jpg")).keys == ("b.jpg",)
-    (tmp_path / "list.txt").write_text("# images\nb.jpg\n\nsub/c.jpeg\nb.jpg\ns3://bucket/x.jpg\n")
-    manifest = list_inputs(str(tmp_path / "list.txt"))
-    assert len(manifest.uris) == 3 and f"file://{tmp_path}/sub/c.jpeg" in manifest.uris
-    (tmp_path / "local.txt").write_text(f"b.jpg\n{tmp_path}/sub/c.jpeg\n")
-    assert list_inputs(str(tmp_path / "local.txt")).keys == ("b.jpg", "sub/c.jpeg")  # relative to the shared folder
-    with pytest.raises(FileNotFoundError):
-        list_inputs(str(tmp_path / "nope"))
-
-    bucket = s3_server.make_bucket("listing-test")
-    fs = fsspec.filesystem("s3")
-    for name in ("in/1.jpg", "in/2.jpg", "in/deeper/3.png", "other/4.jpg"):
-        fs.pipe(f"{bucket}/{name}", b"x")
-    assert list_inputs(f"{bucket}/in").keys == ("1.jpg", "2.jpg", "deeper/3.png")
-    assert list_inputs(f"{bucket}/in/*.jpg").uris == (f"{bucket}/in/1.jpg", f"{bucket}/in/2.jpg")
-    # An explicit endpoint option reaches the same server.
-    explicit = list_inputs(f"{bucket}/in", endpoint_url=s3_server.endpoint_url)
-    assert len(explicit.uris) == 3
 
 
 def test_redaction_removes_userinfo_and_signed_query_values(monkeypatch):
@@ -205,6 +179,10 @@ def _images_rows(uris: list[str]) -> pa.Table:
                      "num_annotations": [2] * len(uris)}, schema=IMAGES_SCHEMA)
 
 
+def _committed_uris(store: OutputStore) -> set[str]:
+    return set(store.read_table(IMAGES_DIR, columns=["image_uri"]).column("image_uri").to_pylist())
+
+
 def test_recovery_rolls_committed_parts_forward_and_the_rest_back(tmp_path):
     import pyarrow.dataset as ds
 
@@ -226,10 +204,10 @@ def test_recovery_rolls_committed_parts_forward_and_the_rest_back(tmp_path):
     # Plain readers of a table folder never see an uncommitted row (the staged orphan of c.jpg).
     plain = ds.dataset(str(tmp_path / "out" / ANNOTATIONS_DIR)).to_table()
     assert "c.jpg" not in plain.column("image_uri").to_pylist()
-    assert store.done_uris() == {"a.jpg", "b.jpg"}  # the one reader: parts whose images file is published
+    assert _committed_uris(store) == {"a.jpg", "b.jpg"}  # the one reader: parts whose images file is published
 
     assert store.recover() == Recovery(rolled_forward=1, rolled_back=1)
-    assert store.done_uris() == {"a.jpg", "b.jpg", "d.jpg"}
+    assert _committed_uris(store) == {"a.jpg", "b.jpg", "d.jpg"}
     assert sorted(store.read_table(ANNOTATIONS_DIR).column("image_uri").to_pylist()) == (
         ["a.jpg"] * 2 + ["b.jpg"] * 2 + ["d.jpg"] * 3)
     assert store.fs.find(store.path(STAGING_DIR)) == []
@@ -254,15 +232,6 @@ def _parquet(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def test_training_and_labelling_list_the_same_images(tmp_path):
-    """One list of image suffixes: a folder the labeller would label is the folder training reads."""
-    from jobs.data import list_images
-
-    for name in ("a.jpg", "b.webp", "c.TIF", "d.bmp", "notes.txt"):
-        (tmp_path / name).write_bytes(b"x")
-    assert list_images(str(tmp_path)) == list(list_inputs(str(tmp_path)).keys) == ["a.jpg", "b.webp", "c.TIF", "d.bmp"]
-
-
 def test_output_and_input_may_not_contain_each_other(tmp_path):
 
     images = tmp_path / "images"
@@ -275,17 +244,6 @@ def test_output_and_input_may_not_contain_each_other(tmp_path):
     for input_spec, output in [("s3://b/in", "s3://b/input"), (images, tmp_path / "images-out"),
                                (tmp_path / "list.txt", tmp_path / "out")]:
         LabelConfig(input=str(input_spec), output=str(output))
-
-
-def test_manifest_paths_are_normalised_so_one_image_has_one_uri(tmp_path):
-    (tmp_path / "repo").mkdir()
-    (tmp_path / "man").mkdir()
-    (tmp_path / "repo" / "a.jpg").write_bytes(b"x")
-    (tmp_path / "man" / "list.txt").write_text(
-        f"../repo/a.jpg\nfile://{tmp_path}/man/../repo/a.jpg\n{tmp_path}/repo/./a.jpg\n")
-    expected = f"file://{tmp_path}/repo/a.jpg"
-    assert list_inputs(str(tmp_path / "man" / "list.txt")).uris == (expected,)
-    assert list_inputs(f"{tmp_path}/man/../repo").uris == (expected,)
 
 
 def test_coco_export_is_sharded_beyond_the_line_and_every_shard_loads(tmp_path):

@@ -146,7 +146,7 @@ def test_box_mode_from_a_manifest_with_coco_prompts(ray_cluster, input_bucket, t
     _assert_no_secrets(store)
 
 
-def test_a_presigned_url_is_fetched_as_given_and_stored_redacted(s3_server, tmp_path, monkeypatch):
+def test_a_presigned_url_is_fetched_as_given_and_stored_redacted(ray_cluster, s3_server, tmp_path, monkeypatch):
     """A manifest line that is a presigned URL to the loopback S3 server: the decode stage fetches it with its
     signature (the server's request recording shows it), the stored URI and any message carry it redacted."""
     import boto3
@@ -155,8 +155,7 @@ def test_a_presigned_url_is_fetched_as_given_and_stored_redacted(s3_server, tmp_
     from moto.moto_api import recorder
 
     from pipelines.decode import ReadAndDecode
-    from pipelines.label import _work_items
-    from pipelines.storage import list_inputs
+    from tests.test_pipeline_inputs import _work
 
     bucket = s3_server.make_bucket("presigned-inputs")
     good = next(case for case in image_cases(3) if case.error_kind is None)
@@ -166,8 +165,7 @@ def test_a_presigned_url_is_fetched_as_given_and_stored_redacted(s3_server, tmp_
     signature = url.rsplit("X-Amz-Signature=", 1)[1]
     (tmp_path / "manifest.txt").write_text(url + "\n")
 
-    listing = list_inputs(str(tmp_path / "manifest.txt"))
-    items = _work_items(listing, range(len(listing.uris)), set(), None)
+    items, _, _ = _work(str(tmp_path / "manifest.txt"))  # the run's own input rows (needs the session Ray)
     batch = {key: np.array([item[key] for item in items], dtype=object) for key in items[0]}
     monkeypatch.setattr(recorder, "_location", str(tmp_path / "recording"))
     requests.post(f"{s3_server.endpoint_url}/moto-api/recorder/start-recording", timeout=10)
