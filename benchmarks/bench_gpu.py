@@ -350,13 +350,13 @@ def model_stage_vs_bare(preset_file: Path, predictor: ovsam.Predictor, encoded: 
     import ray
 
     from pipelines.config import LabelConfig
-    from pipelines.predict import CrashLedger, LabelImages, model_files
+    from pipelines.predict import CrashLedger, LabelImages, ship_model
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         config = LabelConfig(input="bench-in", output="bench-out", mode="box", prompts="bench.json",
                              preset=str(preset_file), batch_size=args.batch)
-        stage = LabelImages(config, predictor.vocabulary, ray.put(model_files(predictor.model)),
+        stage = LabelImages(config, predictor.vocabulary, ray.put(ship_model(predictor.model, predictor.vocabulary)),
                             torch.get_num_threads(), ray.remote(num_cpus=0)(CrashLedger).remote())
         batches = []
         for start in range(0, len(images), args.batch):

@@ -22,7 +22,7 @@ from pipelines.config import LabelConfig
 from pipelines.decode import ReadAndDecode
 from pipelines.output import (PART_MAX_BYTES, Lease, OutputError, OutputStore, PartLimits, PartWriter, SendToWriter,
                               WriteFailed)
-from pipelines.predict import CrashLedger, LabelImages, model_files
+from pipelines.predict import CrashLedger, LabelImages, ShippedModel, ship_model
 from pipelines.prompts import load_box_prompts
 from ovsam.redaction import redact_uri
 from pipelines.inputs import InputError, InputSource, InputTally, describe_input, shuffle_partitions, work_dataset
@@ -109,7 +109,7 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
     """
     started = time.monotonic()
     started_at = _now()
-    model, vocabulary, files = _resolve_model(config)
+    model, vocabulary, shipped = _resolve_model(config)
     boxes_by_name = _load_prompts(config)
     try:
         store = OutputStore(config.output, config.endpoint_url, config.storage_attempts)
@@ -120,7 +120,7 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
     except Exception as err:  # noqa: BLE001 - unreachable store, no credentials, denied: one sentence
         raise LabelError(_output_problem(config, err)) from None
     try:
-        return _run_holding_lease(config, show_progress, store, model, vocabulary, files, boxes_by_name, started,
+        return _run_holding_lease(config, show_progress, store, model, vocabulary, shipped, boxes_by_name, started,
                                   started_at, stale_lease)
     finally:
         try:
@@ -130,7 +130,7 @@ def run_label(config: LabelConfig, show_progress: bool = True) -> LabelSummary:
 
 
 def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputStore, model: _ModelInfo, vocabulary,
-                       files: dict[str, bytes], boxes_by_name, started: float, started_at: str,
+                       shipped: ShippedModel, boxes_by_name, started: float, started_at: str,
                        stale_lease: dict | None) -> LabelSummary:
     try:
         _check_same_settings(store, config)
@@ -156,7 +156,7 @@ def _run_holding_lease(config: LabelConfig, show_progress: bool, store: OutputSt
               "vocabulary": {"name": vocabulary.name, "names": list(vocabulary.names)}}
     try:
         store.write_run_record(record)
-        counts, inputs = _label_inputs(config, show_progress, vocabulary, files, model.image_size, source,
+        counts, inputs = _label_inputs(config, show_progress, vocabulary, shipped, model.image_size, source,
                                        done_parts, boxes_by_name, metadata)
         if not inputs.get("listed"):
             raise InputError(f"no images found in {redact_uri(config.input)}")
@@ -207,14 +207,14 @@ class _RunCounts:
     errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
-def _label_inputs(config: LabelConfig, show_progress: bool, vocabulary, files: dict[str, bytes], image_size: int,
+def _label_inputs(config: LabelConfig, show_progress: bool, vocabulary, shipped: ShippedModel, image_size: int,
                   source: InputSource, done_parts: list[str], boxes_by_name: dict | None,
                   metadata: dict) -> tuple[_RunCounts, dict]:
     """Stream the input's images not yet in the output (`pipelines.inputs.work_dataset`) through Ray Data into
     committed parts; the counts of what was written, and the `InputTally` counts (``listed``, ``skipped_done``,
     ``ignored``, ``prompts_matched``). The progress bar counts the run's inputs, starting at those an earlier run
-    committed, when a shuffle decided them before labelling (else it counts up without a total). ``files``: the
-    model (`model_files`), put in the object store once for all model actors."""
+    committed, when a shuffle decided them before labelling (else it counts up without a total). ``shipped``:
+    the model and its class embeddings, put in the object store once for all model actors."""
     counts = _RunCounts()
     with _ray_session(config):
         plan = _plan(config)
@@ -227,7 +227,7 @@ def _label_inputs(config: LabelConfig, show_progress: bool, vocabulary, files: d
         total = already_done + work.todo if work.todo is not None else config.limit
         writers = _start_writers(config, plan, metadata)
         crashes = ray.remote(num_cpus=0)(CrashLedger).remote()
-        dataset = _build_dataset(config, plan, vocabulary, ray.put(files), image_size, work.dataset, writers, crashes)
+        dataset = _build_dataset(config, plan, vocabulary, ray.put(shipped), image_size, work.dataset, writers, crashes)
         try:
             with _progress(already_done, total, show_progress) as bar, contextlib.closing(iter(dataset.iter_rows())) as rows:
                 for summary in rows:
@@ -311,11 +311,11 @@ def _in_chain(err: BaseException | None, kind: type) -> BaseException | None:
 
 
 def _resolve_model(config: LabelConfig):
-    """The model's name/trained flag, the run's vocabulary and the model's files (`model_files`).
+    """The model's name/trained flag, the run's vocabulary, and the model with its class embeddings to ship.
 
     The model is loaded once here, on CPU, before any worker starts: a missing, unreadable or mismatched
     checkpoint then ends the run with the model's own one-line message instead of a worker traceback. The
-    model actors build from these files (through the object store), so a preset directory or weights path that
+    model actors build from its files (through the object store), so a preset directory or weights path that
     exists only on the driver's machine, or a hub or bucket only the driver can reach, serves every node.
     """
     import ovsam
@@ -323,10 +323,11 @@ def _resolve_model(config: LabelConfig):
     try:
         model = ovsam.load_model(config.preset, weights=dict(config.weights) or None, device="cpu")
         vocabulary = ovsam.Vocabulary.from_spec(config.vocabulary or model.config.vocabulary or "coco")
+        shipped = ship_model(model, vocabulary)  # embedded once here, not once per model actor
     except ovsam.OVSAMError as err:
         raise LabelError(str(err)) from None
     info = _ModelInfo(model.config.name, model.config.trained, model.config.description, model.config.image_size)
-    return info, vocabulary, model_files(model)
+    return info, vocabulary, shipped
 
 
 def _check_same_settings(store: OutputStore, config: LabelConfig) -> None:

@@ -12,6 +12,7 @@ image, so that fixing the prompts file and labelling the image again gives a com
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,24 @@ def deserialize(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
+@dataclasses.dataclass(frozen=True)
+class ShippedModel:
+    """What the driver puts in Ray's object store once for all model actors, on any node: the model as the files
+    of a model directory (`model_files`) and the run vocabulary's class embeddings ([K, P, E] float32, as
+    `ovsam.Predictor` makes them), so that N actors neither fetch the weights nor embed the vocabulary N times."""
+
+    files: dict[str, bytes]
+    class_embeddings: np.ndarray
+
+
+def ship_model(model, vocabulary) -> ShippedModel:
+    """The driver's model and its embedding of ``vocabulary`` (the vocabulary cache serves a repeated run)."""
+    import ovsam
+
+    embeddings = ovsam.Predictor(model, vocabulary).class_embeddings
+    return ShippedModel(model_files(model), embeddings.cpu().numpy())
+
+
 def model_files(model) -> dict[str, bytes]:
     """The model as the files of a model directory (`ovsam.save_model`: config JSON + one safetensors file per
     weight role), file name → content: what the driver puts in Ray's object store once, so that every model
@@ -133,7 +152,7 @@ class LabelImages:
 
     Output columns: image_uri, width, height, status, error_kind, error, num_annotations and
     ``annotations`` (Arrow IPC bytes of the image's `ANNOTATIONS_SCHEMA` rows; empty for error rows).
-    ``model``: object ref of the driver's `model_files`. ``crashes``: the run's `CrashLedger` actor (see
+    ``model``: object ref of the driver's `ShippedModel`. ``crashes``: the run's `CrashLedger` actor (see
     `MAX_WORKER_DEATHS`).
     """
 
@@ -146,9 +165,11 @@ class LabelImages:
         torch.set_num_threads(cpu_threads)  # the CPU slots Ray reserved for this actor (see `plan_workers`)
         self.config = config
         self.crashes = crashes
-        self.model = load_model_files(ray.get(model))
+        shipped: ShippedModel = ray.get(model)
+        self.model = load_model_files(shipped.files)
         self.label_names = vocabulary.names
-        self.predictor = ovsam.Predictor(self.model, vocabulary, top_k=config.top_k)
+        self.predictor = ovsam.Predictor(self.model, vocabulary, top_k=config.top_k,
+                                         class_embeddings=torch.tensor(shipped.class_embeddings))
         self.labeller = (ovsam.AutomaticLabeller(self.predictor, config.automatic)
                          if config.mode == "auto" else None)
 

@@ -21,6 +21,7 @@ from pipelines.predict import (
     NO_PROMPTS,
     PromptCheckError,
     checked_boxes,
+    deserialize,
     pixel_groups,
 )
 from pipelines.prompts import PromptsFileError, load_box_prompts
@@ -290,3 +291,39 @@ def test_runtime_env_is_read_from_json_and_its_values_stay_out_of_run_json(tmp_p
     path.write_text("{nope")
     with pytest.raises(ConfigError, match="cannot read it as JSON"):
         load_runtime_env(str(path))
+
+
+def test_model_actors_use_the_class_embeddings_the_driver_shipped(ray_cluster, tmp_path):
+    """The driver embeds the vocabulary once (`ship_model`); a model actor labels with those embeddings, not its
+    own: shipped embeddings of the classes in reverse order turn every label into its mirror."""
+    import ray
+    import torch
+
+    import ovsam
+    from pipelines.predict import CrashLedger, LabelImages, ShippedModel, ship_model
+
+    model = ovsam.load_model("tiny", device="cpu")
+    vocabulary = ovsam.Vocabulary.from_spec("circle,square,triangle,star")
+    shipped = ship_model(model, vocabulary)
+    reference = ovsam.Predictor(model, vocabulary).class_embeddings
+    assert np.array_equal(shipped.class_embeddings, reference.numpy())
+    config = LabelConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), mode="box", prompts="p.json",
+                         preset="tiny")
+    rng = np.random.default_rng(0)
+    frame = ImageFrame.for_image(120, 160, model.config.image_size)
+    pixels = rng.integers(0, 256, (*frame.resized_size, 3), dtype=np.uint8)
+    batch = {"image_uri": np.array(["a.png"], dtype=object), "width": np.array([160], np.int32),
+             "height": np.array([120], np.int32), "pixels": np.array([pixels.tobytes()], dtype=object),
+             "error_kind": np.array([""], dtype=object), "error": np.array([""], dtype=object),
+             "prompt_boxes": np.array([np.array([[5, 5, 80, 60], [60, 40, 150, 110]], np.float32).tobytes()],
+                                      dtype=object)}
+    labels = {}
+    for name, embeddings in (("as shipped", shipped.class_embeddings),
+                             ("reversed", shipped.class_embeddings[::-1].copy())):
+        stage = LabelImages(config, vocabulary, ray.put(ShippedModel(shipped.files, embeddings)), 1,
+                            ray.remote(num_cpus=0)(CrashLedger).remote())
+        torch.testing.assert_close(stage.predictor.class_embeddings, torch.from_numpy(embeddings))
+        out = stage(batch)
+        assert list(out["status"]) == ["ok"], out["error"]
+        labels[name] = deserialize(out["annotations"][0]).column("label_id").to_pylist()
+    assert labels["reversed"] == [len(vocabulary) - 1 - i for i in labels["as shipped"]]
