@@ -356,7 +356,8 @@ def model_stage_vs_bare(preset_file: Path, predictor: ovsam.Predictor, encoded: 
     try:
         config = LabelConfig(input="bench-in", output="bench-out", mode="box", prompts="bench.json",
                              preset=str(preset_file), batch_size=args.batch)
-        stage = LabelImages(config, predictor.vocabulary, ray.put(ship_model(predictor.model, predictor.vocabulary)),
+        shipped = ray.put(ship_model(predictor.model, predictor.vocabulary))
+        stage = LabelImages(config, predictor.vocabulary, shipped,
                             torch.get_num_threads(), ray.remote(num_cpus=0)(CrashLedger).remote())
         batches = []
         for start in range(0, len(images), args.batch):
