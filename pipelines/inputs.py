@@ -252,7 +252,7 @@ def _source_rows(source: InputSource):
     if source.kind in ("folder", "glob"):
         # No CPU reserved: the listing waits on the store, and it streams while the decode and model actors, which
         # hold the cluster's CPUs from the start, are running (a task asking for a CPU would never be scheduled).
-        return ray.data.read_datasource(_ListingDatasource(source), ray_remote_args={"num_cpus": 0})
+        return ray.data.read_datasource(_ListingDatasource(source), num_cpus=0)
     if source.kind == "image":
         uri = source.fs().unstrip_protocol(source.path)
         return ray.data.from_arrow(_rows([uri]))
