@@ -15,17 +15,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
-from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 from torchvision.ops import roi_align
 
 from .clip_tower import CLIP_STRIDES
 from .config import DecoderConfig
+from .transformer import FoldedTwoWayTransformer
 
 # Mask logits are thresholded at 0 (sigmoid > 0.5) for the boxes RoIs are taken from and for final masks.
 MASK_LOGIT_THRESHOLD = 0.0
 # The release's log logit scale; exp is taken in float32 (100.00298...), a constant of the checkpoint.
 LOGIT_SCALE_LOG = 4.6052
+# Prompts upscaled together on a CPU: 4 of a 64 x 64 grid make ~50 MB of intermediates, which a CPU's caches
+# and allocator reuse; a whole batch of 64 makes 800 MB of fresh memory per step and runs at half the speed.
+# On an accelerator the whole batch goes at once.
+CPU_UPSCALE_PROMPTS = 4
 # mmdet's SingleRoIExtractor adds this before the floor so exact powers of two land on the higher level.
 LEVEL_MAPPING_EPS = 1e-6
 
@@ -96,16 +100,53 @@ class SingleMaskDecoder(MaskDecoder):
     """segment_anything's MaskDecoder with one mask token and without the IoU token and IoU head.
 
     The release drops them (`with_iou=False`): the label token takes the IoU token's slot in the
-    transformer, and no mask-quality score is predicted.
+    transformer, and no mask-quality score is predicted. Its transformer folds the projections of the
+    image side into the few prompt tokens (`ovsam.transformer`; same modules and result).
     """
 
     def __init__(self, config: DecoderConfig) -> None:
-        transformer = TwoWayTransformer(
+        transformer = FoldedTwoWayTransformer(
             depth=config.depth, embedding_dim=config.dim, mlp_dim=config.mlp_dim, num_heads=config.num_heads
         )
         super().__init__(transformer_dim=config.dim, transformer=transformer, num_multimask_outputs=0)
         del self.iou_token
         del self.iou_prediction_head
+
+    def mask_logits(self, image_tokens: torch.Tensor, grid: tuple[int, int], mask_tokens: torch.Tensor) -> torch.Tensor:
+        """SAM's mask prediction: `output_upscaling` of the image tokens, then the mask token's hypernetwork.
+
+        image_tokens: [N, g_h * g_w, C] the transformer's image side, row-major; grid: (g_h, g_w);
+        mask_tokens: [N, C]. Returns [N, 1, 4 g_h, 4 g_w] mask logits.
+
+        The same function as the modules in sequence, computed per low-res pixel: a 2x2 transposed conv of
+        stride 2 maps each input pixel to its own 2x2 outputs, i.e. a matrix product on the tokens as they come
+        out of the transformer (no transpose to channels-first), and LayerNorm2d normalises each pixel over its
+        channels, i.e. a LayerNorm over the last axis (one kernel instead of six element-wise passes). Only the
+        one-channel logits are put in image order at the end. On a CPU, prompts go a few at a time
+        (`CPU_UPSCALE_PROMPTS`); together the two cut this step to about half for automatic mode's batches.
+        """
+        n = image_tokens.shape[0]
+        step = CPU_UPSCALE_PROMPTS if image_tokens.device.type == "cpu" else max(n, 1)
+        hyper = self.output_hypernetworks_mlps[0](mask_tokens)
+        logits = torch.cat([self._pixel_logits(image_tokens[start:start + step], hyper[start:start + step])
+                            for start in range(0, n, step)]) if n else hyper.new_zeros(0, 16 * grid[0] * grid[1])
+        # token (i, j), first conv's sub-pixel (a, b), second's (c, d) -> pixel (4i + 2a + c, 4j + 2b + d)
+        gh, gw = grid
+        logits = logits.reshape(n, gh, gw, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+        return logits.reshape(n, 1, 4 * gh, 4 * gw)
+
+    def _pixel_logits(self, image_tokens: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        """[n, T_i, C] image tokens, [n, c] hypernetwork outputs -> [n, T_i * 16] logits, sub-pixels innermost."""
+        first, norm, first_act, second, second_act = self.output_upscaling
+        n, _, c = image_tokens.shape
+        x = image_tokens.reshape(-1, c)
+        for conv, act, pixel_norm in ((first, first_act, norm), (second, second_act, None)):
+            weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, -1)  # [C_in, (2, 2, C_out)]
+            x = torch.addmm(conv.bias.repeat(4), x, weight).reshape(-1, conv.out_channels)
+            if pixel_norm is not None:
+                x = F.layer_norm(x, (conv.out_channels,), pixel_norm.weight, pixel_norm.bias, pixel_norm.eps)
+            x = act(x)
+        return torch.bmm(x.reshape(n, -1, second.out_channels), hyper[:, :, None]).reshape(n, -1)
 
 
 @dataclass
@@ -161,17 +202,11 @@ class OVSAMHead(nn.Module):
             src = image_embeddings[image_index[:1]] + dense_prompts
         else:
             src = image_embeddings[image_index] + dense_prompts
-        c, h, w = src.shape[1:]
-        hs, src = decoder.transformer(src, image_pe, tokens)
+        hs, image_tokens = decoder.transformer(src, image_pe, tokens)
         # hs[:, 0] is the label token; the released forward uses only its label MLP, times zero (see label_mlp).
-        mask_token = hs[:, 1, :]
+        low_res_masks = decoder.mask_logits(image_tokens, src.shape[2:], hs[:, 1, :])
 
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))
-        hyper = decoder.output_hypernetworks_mlps[0](mask_token).unsqueeze(1)
-        _, uc, uh, uw = upscaled.shape
-        low_res_masks = (hyper @ upscaled.reshape(n, uc, uh * uw)).reshape(n, 1, uh, uw)
-
-        mask_boxes = masks_to_boxes(low_res_masks[:, 0] > MASK_LOGIT_THRESHOLD) * (input_size / uh)
+        mask_boxes = masks_to_boxes(low_res_masks[:, 0] > MASK_LOGIT_THRESHOLD) * (input_size / low_res_masks.shape[-1])
         rois = torch.cat([image_index[:, None].to(mask_boxes.dtype), mask_boxes], dim=1)
         roi_feats = self.roi_extractor(fpn_feats, rois)
         # Width then height, as the release reduces; a joint mean differs in the last bits.

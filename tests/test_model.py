@@ -334,3 +334,51 @@ def test_head_with_a_shared_dense_prompt_equals_one_image_side_per_prompt(tiny):
             assert (shared.low_res_masks[0] - shared.low_res_masks[2]).abs().max() > 1e-2
             for name in ("low_res_masks", "mask_boxes", "roi_embeddings"):
                 torch.testing.assert_close(getattr(shared, name), getattr(repeated, name), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("image_batch, tokens", [(3, 4), (1, 4), (3, 20)],
+                         ids=["per-prompt image side", "shared image side", "more tokens than a head's channels"])
+def test_folded_transformer_equals_segment_anything_forward_and_gradients(image_batch, tokens):
+    """`FoldedTwoWayTransformer` against segment_anything's `TwoWayTransformer` with the same weights (the
+    released decoder's widths, a small grid): outputs and parameter gradients, so fine-tuning is unchanged."""
+    from segment_anything.modeling.transformer import TwoWayTransformer
+
+    from ovsam.transformer import FoldedTwoWayTransformer
+
+    torch.manual_seed(3)
+    widths = dict(depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048)
+    reference, folded = TwoWayTransformer(**widths), FoldedTwoWayTransformer(**widths)
+    folded.load_state_dict(reference.state_dict())
+    image = torch.randn(image_batch, 256, 12, 12)
+    image_pe, points = torch.randn(1, 256, 12, 12), torch.randn(3, tokens, 256)
+    outputs = []
+    for module in (reference, folded):
+        module.zero_grad()
+        queries, keys = module(image, image_pe, points)
+        (queries.square().sum() + keys.sin().sum()).backward()
+        outputs.append((queries, keys, {name: p.grad.clone() for name, p in module.named_parameters()}))
+    (q_ref, k_ref, g_ref), (q_ours, k_ours, g_ours) = outputs
+    assert q_ours.shape == (3, tokens, 256) and k_ours.shape == (3, 144, 256)
+    torch.testing.assert_close(q_ours, q_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(k_ours, k_ref, atol=1e-4, rtol=1e-4)
+    assert g_ours.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_pixelwise_mask_logits_equal_the_upscaling_modules():
+    """`SingleMaskDecoder.mask_logits` against SAM's `output_upscaling` + hypernetwork, in image order."""
+    from ovsam.clip2sam import CPU_UPSCALE_PROMPTS, SingleMaskDecoder
+    from ovsam.config import DecoderConfig
+
+    torch.manual_seed(4)
+    decoder = SingleMaskDecoder(DecoderConfig()).eval()
+    n, (gh, gw) = CPU_UPSCALE_PROMPTS + 2, (6, 10)  # more prompts than one CPU chunk, a non-square grid
+    image_tokens, mask_tokens = torch.randn(n, gh * gw, 256), torch.randn(n, 256)
+    with torch.inference_mode():
+        upscaled = decoder.output_upscaling(image_tokens.transpose(1, 2).reshape(n, 256, gh, gw))
+        hyper = decoder.output_hypernetworks_mlps[0](mask_tokens)
+        reference = torch.einsum("nc,nchw->nhw", hyper, upscaled)[:, None]
+        ours = decoder.mask_logits(image_tokens, (gh, gw), mask_tokens)
+    assert ours.shape == (n, 1, 4 * gh, 4 * gw)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
