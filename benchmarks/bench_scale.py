@@ -23,10 +23,12 @@ import json
 import multiprocessing
 import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import click
+import psutil
 
 FILES_PER = 100_000  # the issue's unit: files per 10^5 images
 NEW_IMAGES = 10  # manifest URIs beyond the done ones in the resume measurement: what is left to label
@@ -35,6 +37,25 @@ RAY_CPUS = 2  # the local Ray of each measurement
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+class _PeakPrivateMemory(threading.Thread):
+    """Samples the driver's private memory (USS: RSS without pages shared with other processes, such as the
+    object store's shared memory that the driver maps to read a block) until stopped; ``peak_mb``."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_mb, self._stopped = 0.0, threading.Event()
+
+    def run(self) -> None:
+        process = psutil.Process()
+        while not self._stopped.wait(0.05):
+            self.peak_mb = max(self.peak_mb, process.memory_full_info().uss / 2**20)
+
+    def stop(self) -> float:
+        self._stopped.set()
+        self.join()
+        return self.peak_mb
 
 
 def _work(spec: str, output: str | None, limit: int | None) -> tuple[int, int]:
@@ -61,14 +82,20 @@ def _work(spec: str, output: str | None, limit: int | None) -> tuple[int, int]:
 def _measure_work(spec: str, output: str | None, limit: int | None, queue) -> None:
     import ray
 
+    import pipelines.inputs  # noqa: F401 - imported before the baseline: the growth is the run's, not the imports'
+    import pipelines.output  # noqa: F401
+
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    before = _peak_rss_mb()
+    before, private = _peak_rss_mb(), _PeakPrivateMemory()
+    baseline = psutil.Process().memory_full_info().uss / 2**20
+    private.start()
     started = time.monotonic()
     todo, skipped = _work(spec, output, limit)
     seconds = time.monotonic() - started
     queue.put({"seconds_to_first_image": round(seconds, 2), "todo": todo, "skipped_done": skipped,
-               "driver_peak_rss_mb": round(_peak_rss_mb()), "driver_rss_growth_mb": round(_peak_rss_mb() - before)})
+               "driver_peak_rss_mb": round(_peak_rss_mb()), "driver_rss_growth_mb": round(_peak_rss_mb() - before),
+               "driver_private_growth_mb": round(private.stop() - baseline)})
     ray.shutdown()
 
 
@@ -97,9 +124,12 @@ def _in_process(target, *args) -> dict:
     queue = context.Queue()
     process = context.Process(target=target, args=(*args, queue))
     process.start()
-    result = queue.get()
-    process.join()
-    return result
+    while process.is_alive() or not queue.empty():  # a measurement that fails ends the benchmark, not a hang
+        try:
+            return queue.get(timeout=1)
+        except Exception:  # noqa: BLE001 - queue.Empty: still measuring
+            continue
+    raise SystemExit(f"{target.__name__} failed in its process (exit code {process.exitcode}); see above")
 
 
 def _uri(index: int) -> str:
