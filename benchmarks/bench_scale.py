@@ -6,7 +6,8 @@
 * manifest: a text manifest of ``--manifest-uris`` URIs (the images need not exist) turned into the run's work
   (`pipelines.inputs.work_dataset`: read by Ray Data, de-duplicated by its shuffle, ``--limit 10``) as
   ``ovsam-batch label`` does: seconds until the first image could be fetched, URIs/s, and the driver's peak RSS
-  growth (the driver holds no URI list; the rows live in Ray's object store).
+  and private-memory growth from after the imports (the driver holds no URI list; the rows live in Ray's object
+  store).
 * listing: a local folder of ``--folder-files`` empty image files listed by the streamed listing read task:
   seconds to the first block (when labelling can start), files/s over the whole listing.
 * output: ``--done-images`` images rows (no annotations) written as parts of ``--part-size`` images with the
