@@ -20,7 +20,9 @@ Modes: box (``--boxes`` prompts per image) and automatic (each ``--grids`` side:
   a CPU has no bf16 peak to compare with, and counting costs one more forward).
 * model stage vs bare loop: `pipelines.predict.LabelImages` called in this process on batches as the decode
   stage gives them (a local Ray holds its crash ledger), against a loop over the same predictor calls on
-  decoded images (`predict_images` / `generate_images` and the masks' run lengths, nothing else).
+  decoded images (`predict_images` / `generate_images` and the masks' run lengths, nothing else); and the stage
+  with two batches at once in threads, as a GPU model actor runs them (`MODEL_CALLS_PER_GPU_WORKER`: one batch's
+  host work overlaps the other's device work; on a CPU the two only share the cores).
 * host rows of object masks: random weights give speckled masks (hundreds of thousands of runs each, which no
   trained model writes), so the host ms of the annotation rows are also measured on disc-shaped masks of the
   box mode's and automatic mode's object counts (``--boxes``, ``--auto-objects``).
@@ -37,6 +39,7 @@ import json
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -350,6 +353,7 @@ def model_stage_vs_bare(preset_file: Path, predictor: ovsam.Predictor, encoded: 
     import ray
 
     from pipelines.config import LabelConfig
+    from pipelines.label import MODEL_CALLS_PER_GPU_WORKER
     from pipelines.predict import CrashLedger, LabelImages, ship_model
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
@@ -377,6 +381,11 @@ def model_stage_vs_bare(preset_file: Path, predictor: ovsam.Predictor, encoded: 
                 out = stage(batch)
                 assert all(s == "ok" for s in out["status"]), out["error"]
 
+        def stage_calls_at_once():  # as a GPU model actor runs its batches (`MODEL_CALLS_PER_GPU_WORKER` threads)
+            with ThreadPoolExecutor(MODEL_CALLS_PER_GPU_WORKER) as pool:
+                for out in pool.map(stage, batches[1:]):
+                    assert all(s == "ok" for s in out["status"]), out["error"]
+
         def bare_loop():
             for start in range(args.batch, len(images), args.batch):
                 part = slice(start, start + args.batch)
@@ -385,7 +394,9 @@ def model_stage_vs_bare(preset_file: Path, predictor: ovsam.Predictor, encoded: 
 
         stage(batches[0])  # warm-up
         timings = {}
-        for name, loop in (("bare", bare_loop), ("model_stage", stage_loop), ("bare_again", bare_loop)):
+        for name, loop in (("bare", bare_loop), ("model_stage", stage_loop), ("model_stage_calls_at_once",
+                                                                               stage_calls_at_once),
+                           ("bare_again", bare_loop)):
             sync()
             started = time.perf_counter()
             loop()
@@ -395,7 +406,8 @@ def model_stage_vs_bare(preset_file: Path, predictor: ovsam.Predictor, encoded: 
         ray.shutdown()
     bare = (timings["bare"] + timings["bare_again"]) / 2
     return {"mode": "box", "bare_images_per_s": bare, "model_stage_images_per_s": timings["model_stage"],
-            "model_stage_over_bare": timings["model_stage"] / bare}
+            "model_stage_over_bare": timings["model_stage"] / bare,
+            "model_stage_calls_at_once_over_bare": timings["model_stage_calls_at_once"] / bare}
 
 
 if __name__ == "__main__":

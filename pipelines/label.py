@@ -399,14 +399,22 @@ class _ray_session:
             ray.shutdown()
 
 
+# Batches a GPU model actor runs at once, each in its own thread: while one batch's forward runs on the device,
+# the other's masks are encoded on the host (pycocotools, Arrow), so the GPU does not wait on that host work. Two
+# batches' activations are on the device at once. A CPU actor runs one: its threads already use all its cores.
+MODEL_CALLS_PER_GPU_WORKER = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerPlan:
-    """How the cluster's resources are split: model actors, their CPU slots (= torch threads on CPU), GPUs."""
+    """How the cluster's resources are split: model actors, their CPU slots (= torch threads on CPU), GPUs, and
+    the batches each model actor runs at once."""
 
     workers: int
     cpus_per_worker: int
     gpus_per_worker: float
     decode_actors: int
+    calls_per_worker: int = 1
 
 
 def plan_workers(config: LabelConfig, cpus: int, gpus: float) -> WorkerPlan:
@@ -415,7 +423,7 @@ def plan_workers(config: LabelConfig, cpus: int, gpus: float) -> WorkerPlan:
     and decoding keeps at least one core; threads beyond the reserved cores would only contend."""
     if config.gpus_per_worker > 0 and gpus > 0:
         workers = config.workers or max(1, int(gpus / config.gpus_per_worker))
-        return WorkerPlan(workers, 1, config.gpus_per_worker, max(1, cpus - workers))
+        return WorkerPlan(workers, 1, config.gpus_per_worker, max(1, cpus - workers), MODEL_CALLS_PER_GPU_WORKER)
     workers = config.workers or 1
     cpus_per_worker = max(1, (cpus - 1) // workers)
     return WorkerPlan(workers, cpus_per_worker, 0, max(1, cpus - workers * cpus_per_worker))
@@ -447,7 +455,9 @@ def _build_dataset(config: LabelConfig, plan: WorkerPlan, vocabulary, model: ray
         LabelImages, batch_size=config.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"config": config, "vocabulary": vocabulary, "model": model,
                                "cpu_threads": plan.cpus_per_worker, "crashes": crashes},
-        compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
+        compute=ray.data.ActorPoolStrategy(size=plan.workers, max_concurrent_calls_per_actor=plan.calls_per_worker,
+                                           enable_true_multi_threading=plan.calls_per_worker > 1),
+        num_cpus=plan.cpus_per_worker,
         # A worker that dies is restarted and its batch given again (Ray Data's defaults); `LabelImages` bounds how
         # often (see `model_task_retries`).
         num_gpus=plan.gpus_per_worker)

@@ -154,6 +154,9 @@ class LabelImages:
     ``annotations`` (Arrow IPC bytes of the image's `ANNOTATIONS_SCHEMA` rows; empty for error rows).
     ``model``: object ref of the driver's `ShippedModel`. ``crashes``: the run's `CrashLedger` actor (see
     `MAX_WORKER_DEATHS`).
+
+    Calls may run concurrently in threads (`pipelines.label.MODEL_CALLS_PER_GPU_WORKER`): a call keeps its state in
+    locals and uses only the predictor's stateless batch methods.
     """
 
     def __init__(self, config: LabelConfig, vocabulary, model, cpu_threads: int, crashes):
@@ -268,8 +271,7 @@ class LabelImages:
         try:
             if self.labeller is not None:
                 return self.labeller.generate(image)
-            self.predictor.set_image(image)
-            return self.predictor.predict(boxes=boxes)
+            return self.predictor.predict_images([image], [boxes])[0]
         except Exception as err:  # noqa: BLE001 - becomes this image's error row
             return err
 

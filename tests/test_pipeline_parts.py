@@ -126,9 +126,9 @@ def test_worker_plan_splits_the_cluster():
     config = LabelConfig(input="a", output="b")
     assert plan_workers(config, cpus=2, gpus=0) == WorkerPlan(1, 1, 0, 1)  # model 1 core, decode 1 core
     assert plan_workers(config, cpus=16, gpus=0) == WorkerPlan(1, 15, 0, 1)
-    assert plan_workers(config, cpus=16, gpus=4) == WorkerPlan(4, 1, 1.0, 12)
+    assert plan_workers(config, cpus=16, gpus=4) == WorkerPlan(4, 1, 1.0, 12, calls_per_worker=2)
     halves = dataclasses.replace(config, gpus_per_worker=0.5)
-    assert plan_workers(halves, cpus=16, gpus=2) == WorkerPlan(4, 1, 0.5, 12)
+    assert plan_workers(halves, cpus=16, gpus=2) == WorkerPlan(4, 1, 0.5, 12, calls_per_worker=2)
     assert plan_workers(dataclasses.replace(config, workers=3), cpus=8, gpus=0) == WorkerPlan(3, 2, 0, 2)
 
 
@@ -327,3 +327,43 @@ def test_model_actors_use_the_class_embeddings_the_driver_shipped(ray_cluster, t
         assert list(out["status"]) == ["ok"], out["error"]
         labels[name] = deserialize(out["annotations"][0]).column("label_id").to_pylist()
     assert labels["reversed"] == [len(vocabulary) - 1 - i for i in labels["as shipped"]]
+
+
+def test_model_stage_calls_running_at_once_give_the_rows_of_calls_one_after_another(ray_cluster, tmp_path):
+    """A GPU model actor runs `MODEL_CALLS_PER_GPU_WORKER` batches at once, in threads: concurrent calls of one
+    `LabelImages` give each batch exactly the rows it gets alone (no state shared between calls)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    import ovsam
+    from pipelines.label import MODEL_CALLS_PER_GPU_WORKER
+    from pipelines.predict import CrashLedger, LabelImages, ship_model
+
+    model = ovsam.load_model("tiny", device="cpu")
+    vocabulary = ovsam.Vocabulary.from_spec("circle,square,triangle,star")
+    config = LabelConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), mode="box", prompts="p.json",
+                         preset="tiny")
+    stage = LabelImages(config, vocabulary, ray.put(ship_model(model, vocabulary)), 1,
+                        ray.remote(num_cpus=0)(CrashLedger).remote())
+    rng = np.random.default_rng(5)
+
+    def batch(index: int) -> dict:
+        height, width = 100 + 20 * index, 180 - 10 * index
+        frame = ImageFrame.for_image(height, width, model.config.image_size)
+        boxes = np.array([[2, 3, width - 9, height // 2], [width // 3, 10, width - 1, height - 2]], np.float32)
+        return {"image_uri": np.array([f"{index}.png"], dtype=object), "width": np.array([width], np.int32),
+                "height": np.array([height], np.int32),
+                "pixels": np.array([rng.integers(0, 256, (*frame.resized_size, 3), np.uint8).tobytes()], dtype=object),
+                "error_kind": np.array([""], dtype=object), "error": np.array([""], dtype=object),
+                "prompt_boxes": np.array([boxes[: 1 + index % 2].tobytes()], dtype=object)}
+
+    batches = [batch(i) for i in range(3 * MODEL_CALLS_PER_GPU_WORKER)]
+    alone = [stage(b) for b in batches]
+    with ThreadPoolExecutor(MODEL_CALLS_PER_GPU_WORKER) as pool:
+        together = list(pool.map(stage, batches))
+    for one, other in zip(alone, together):
+        assert list(one["status"]) == ["ok"] and list(other["status"]) == ["ok"], (one["error"], other["error"])
+        assert deserialize(other["annotations"][0]).equals(deserialize(one["annotations"][0]))
+    distinct = {str(deserialize(o["annotations"][0]).column("bbox").to_pylist()) for o in alone}
+    assert len(distinct) == len(alone)  # the batches' rows differ, so a mix-up between the threads would show
