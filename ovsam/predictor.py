@@ -188,7 +188,7 @@ class Predictor:
                region_boxes: np.ndarray | None = None) -> Decoded:
         """Run validated prompts (original pixels) for image row `image_row` of `features`, in chunks."""
         chunks = []
-        for start in range(0, len(prompts), self.prompt_batch_size):
+        for start in range(0, max(len(prompts), 1), self.prompt_batch_size):  # no prompts: one empty chunk
             part = slice(start, start + self.prompt_batch_size)
             labels = None if point_labels is None else point_labels[part]
             head = self.decode_masks(features, frame, image_row, prompts[part], prompt_type, labels)

@@ -116,14 +116,14 @@ def _few_keys(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.T
     4 keys it is several times slower on a CPU.
     """
     heads, head_dim = attention.num_heads, attention.internal_dim // attention.num_heads
-    batch, nq = max(q.shape[0], k.shape[0]), q.shape[1]
+    batch, (nq, c) = max(q.shape[0], k.shape[0]), q.shape[1:]
     k, v = k.expand(batch, -1, -1), v.expand(batch, -1, -1)
     nk = k.shape[1]
     keys = attention.k_proj(k).reshape(batch, nk, heads, head_dim)
     if q.shape[0] == batch:
         folded = torch.einsum("bkhd,hdc->bkhc", keys, _head_weights(attention, attention.q_proj))
         query_bias = torch.einsum("bkhd,hd->bkh", keys, attention.q_proj.bias.reshape(heads, head_dim))
-        logits = torch.bmm(q, folded.reshape(batch, nk * heads, -1).transpose(1, 2))
+        logits = torch.bmm(q, folded.reshape(batch, nk * heads, c).transpose(1, 2))
         logits = logits.reshape(batch, nq, nk, heads) + query_bias[:, None]
     else:  # queries shared by all prompts: projected once
         queries = attention.q_proj(q[0]).reshape(nq, heads, head_dim)
@@ -134,4 +134,4 @@ def _few_keys(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.T
     # head sum to 1 over the keys, so the product adds b_o once.
     out_weight = attention.out_proj.weight.reshape(attention.embedding_dim, heads, head_dim)
     projected = torch.einsum("bkhd,chd->bkhc", values, out_weight) + attention.out_proj.bias / heads
-    return torch.baddbmm(residual, weights, projected.reshape(batch, nk * heads, -1))
+    return torch.baddbmm(residual, weights, projected.reshape(batch, nk * heads, c))

@@ -138,6 +138,16 @@ def test_box_prompts_give_one_object_each(predictor, image):
     np.testing.assert_allclose(total, 1.0, atol=1e-5)  # all 3 classes + background
 
 
+def test_no_prompts_give_an_empty_prediction(predictor, image):
+    """An image without boxes or points has no object: an empty prediction with every field shaped, no error."""
+    predictor.set_image(image)
+    for prompts in ({"boxes": np.zeros((0, 4), np.float32)}, {"points": np.zeros((0, 1, 2), np.float32)}):
+        prediction = predictor.predict(**prompts)
+        assert len(prediction) == 0
+        assert prediction.masks.shape == (0, 240, 320) and prediction.boxes.shape == (0, 4)
+        assert prediction.topk_ids.shape == (0, 3) and prediction.run_lengths() == []
+
+
 def test_masks_boxes_and_run_lengths_computed_on_the_device_agree(predictor, image):
     """The three views of a prediction's masks (host masks, boxes, COCO run lengths) are one set of masks."""
     import pycocotools.mask as mask_utils
