@@ -96,7 +96,10 @@ class Predictor:
     def __init__(self, model: OVSAM, vocabulary: Vocabulary | None = None, *, top_k: int = 5,
                  prompt_batch_size: int = 64, class_embeddings: torch.Tensor | None = None,
                  cache_dir: Path | None = None) -> None:
-        self.model = model.eval()
+        # Channels-last: the convolutions of the CLIP tower, SAM2CLIP and the FPN run faster on NHWC tensors (measured
+        # on a CPU: one real-size embedding 11.2 s -> 9.6 s; cuDNN's tensor-core kernels are NHWC too). This changes
+        # the strides of the model's weights in place, not their values; `save_model` writes them contiguous.
+        self.model = model.eval().to(memory_format=torch.channels_last)
         self.vocabulary = vocabulary or Vocabulary.from_spec(model.config.vocabulary or "coco")
         self.top_k = min(top_k, len(self.vocabulary))
         self.prompt_batch_size = prompt_batch_size
@@ -134,6 +137,7 @@ class Predictor:
         size = self.model.config.image_size
         resized = [image if isinstance(image, ResizedImage) else resize_for_model(image, size) for image in images]
         pixels = torch.stack([model_input(image, self.model.device) for image in resized])
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self._context():
             features = self.model.embed_image(pixels)
         return features, [image.frame for image in resized]
