@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from queue import Empty
 
 import click
 import psutil
@@ -128,7 +129,7 @@ def _in_process(target, *args) -> dict:
     while process.is_alive() or not queue.empty():  # a measurement that fails ends the benchmark, not a hang
         try:
             return queue.get(timeout=1)
-        except Exception:  # noqa: BLE001 - queue.Empty: still measuring
+        except Empty:  # still measuring
             continue
     raise SystemExit(f"{target.__name__} failed in its process (exit code {process.exitcode}); see above")
 
