@@ -12,8 +12,9 @@ projections of the long side fold into the short side, whose projected tokens ar
 * output projection: W_o concat_h(sum_t p_ht v_ht) + b_o = sum_h sum_t p_ht (W_o,h v_ht + b_o / heads), with
   W_o,h the columns of head h; the residual around the attention is added by the same matrix product.
 
-The image side then costs about 2 x heads x T x 256 MACs per image token instead of 256 x 128 per projection (a
-quarter for T = 4), and no [N, 4,096, 256] tensor is made for the bias or the residual. A side shared by all
+An attention's two products on the image side (keys and values, or queries and output) then cost
+2 x heads x T x 256 MACs per image token instead of 2 x 256 x 128 (a quarter for T = 4), and no [N, 4,096, 256]
+tensor is made for the bias or the residual. A side shared by all
 prompts (batch 1: the image in the first layer) is projected once instead, as that is cheaper still. The result
 is segment_anything's up to float rounding; the parameters (and state-dict keys) are its own, so checkpoints
 load unchanged and training takes the same path.
