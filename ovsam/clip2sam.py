@@ -128,25 +128,32 @@ class SingleMaskDecoder(MaskDecoder):
         n = image_tokens.shape[0]
         step = CPU_UPSCALE_PROMPTS if image_tokens.device.type == "cpu" else max(n, 1)
         hyper = self.output_hypernetworks_mlps[0](mask_tokens)
-        logits = torch.cat([self._pixel_logits(image_tokens[start:start + step], hyper[start:start + step])
-                            for start in range(0, n, step)]) if n else hyper.new_zeros(0, 16 * grid[0] * grid[1])
+        first, norm, first_act, second, second_act = self.output_upscaling
+        # Each transposed conv as a [C_in, (2, 2, C_out)] matrix and its bias per output column, made once per call.
+        layers = [(conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, -1), conv.bias.repeat(4),
+                   conv.out_channels, act, pixel_norm)
+                  for conv, act, pixel_norm in ((first, first_act, norm), (second, second_act, None))]
+        logits = torch.cat([_pixel_logits(image_tokens[start:start + step], hyper[start:start + step], layers)
+                            for start in range(0, max(n, 1), step)])  # no prompts: one empty chunk
         # token (i, j), first conv's sub-pixel (a, b), second's (c, d) -> pixel (4i + 2a + c, 4j + 2b + d)
         gh, gw = grid
         logits = logits.reshape(n, gh, gw, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
         return logits.reshape(n, 1, 4 * gh, 4 * gw)
 
-    def _pixel_logits(self, image_tokens: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
-        """[n, T_i, C] image tokens, [n, c] hypernetwork outputs -> [n, T_i * 16] logits, sub-pixels innermost."""
-        first, norm, first_act, second, second_act = self.output_upscaling
-        n, _, c = image_tokens.shape
-        x = image_tokens.reshape(-1, c)
-        for conv, act, pixel_norm in ((first, first_act, norm), (second, second_act, None)):
-            weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, -1)  # [C_in, (2, 2, C_out)]
-            x = torch.addmm(conv.bias.repeat(4), x, weight).reshape(-1, conv.out_channels)
-            if pixel_norm is not None:
-                x = F.layer_norm(x, (conv.out_channels,), pixel_norm.weight, pixel_norm.bias, pixel_norm.eps)
-            x = act(x)
-        return torch.bmm(x.reshape(n, -1, second.out_channels), hyper[:, :, None]).reshape(n, -1)
+
+def _pixel_logits(image_tokens: torch.Tensor, hyper: torch.Tensor, layers: list) -> torch.Tensor:
+    """[n, T_i, C] image tokens, [n, c] hypernetwork outputs -> [n, T_i * 16] logits, sub-pixels innermost.
+
+    layers: (weight, bias, out_channels, activation, LayerNorm2d or None) per transposed conv, as `mask_logits`
+    makes them."""
+    n, tokens, c = image_tokens.shape
+    x = image_tokens.reshape(-1, c)
+    for weight, bias, out_channels, act, pixel_norm in layers:
+        x = torch.addmm(bias, x, weight).reshape(-1, out_channels)
+        if pixel_norm is not None:
+            x = F.layer_norm(x, (out_channels,), pixel_norm.weight, pixel_norm.bias, pixel_norm.eps)
+        x = act(x)
+    return torch.bmm(x.reshape(n, tokens * 16, out_channels), hyper[:, :, None]).flatten(1)
 
 
 @dataclass

@@ -92,17 +92,19 @@ def _few_queries(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torc
         keys = attention.k_proj(k[0]).reshape(-1, heads, head_dim).permute(1, 2, 0)  # [h, d, nk]
         values = attention.v_proj(v[0]).reshape(-1, heads, head_dim).transpose(0, 1)  # [h, nk, d]
         logits = torch.bmm(queries.permute(2, 0, 1, 3).reshape(heads, batch * nq, head_dim), keys)
-        weights = torch.softmax(logits / math.sqrt(head_dim), dim=-1)
+        weights = torch.softmax(logits / math.sqrt(head_dim), dim=-1)  # small: [h, B * nq, nk]
         out = torch.bmm(weights, values).reshape(heads, batch, nq, head_dim).permute(1, 2, 0, 3)
         return attention.out_proj(out.reshape(batch, nq, heads * head_dim))
     c = k.shape[2]
     # W_k,h^T q_h for each head: [B, h * nq, C]. The key bias term q_h . b_k,h cancels in the softmax; it is
     # added anyway (it costs nothing) so that the bias gets its zero gradient: DDP expects one for every parameter.
+    # The softmax scale goes on the few queries, not on the [B, h * nq, nk] logits.
+    queries = queries / math.sqrt(head_dim)
     folded = torch.einsum("bqhd,hdc->bhqc", queries, _head_weights(attention, attention.k_proj))
     key_bias = torch.einsum("bqhd,hd->bhq", queries, attention.k_proj.bias.reshape(heads, head_dim))
     logits = torch.baddbmm(key_bias.reshape(batch, heads * nq, 1), folded.reshape(batch, heads * nq, c),
                            k.transpose(1, 2))
-    weights = torch.softmax(logits / math.sqrt(head_dim), dim=-1)  # [B, h * nq, nk]
+    weights = torch.softmax(logits, dim=-1)  # [B, h * nq, nk]
     pooled = torch.bmm(weights, v).reshape(batch, heads, nq, c)  # sum_j p_j v_j, in the model width
     values = torch.einsum("bhqc,hdc->bqhd", pooled, _head_weights(attention, attention.v_proj))
     values = values + attention.v_proj.bias.reshape(heads, head_dim)
@@ -120,7 +122,8 @@ def _few_keys(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.T
     batch, (nq, c) = max(q.shape[0], k.shape[0]), q.shape[1:]
     k, v = k.expand(batch, -1, -1), v.expand(batch, -1, -1)
     nk = k.shape[1]
-    keys = attention.k_proj(k).reshape(batch, nk, heads, head_dim)
+    # The softmax scale goes on the few keys, not on the [B, nq, nk, heads] logits.
+    keys = attention.k_proj(k).reshape(batch, nk, heads, head_dim) / math.sqrt(head_dim)
     if q.shape[0] == batch:
         folded = torch.einsum("bkhd,hdc->bkhc", keys, _head_weights(attention, attention.q_proj))
         query_bias = torch.einsum("bkhd,hd->bkh", keys, attention.q_proj.bias.reshape(heads, head_dim))
@@ -129,7 +132,7 @@ def _few_keys(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.T
     else:  # queries shared by all prompts: projected once
         queries = attention.q_proj(q[0]).reshape(nq, heads, head_dim)
         logits = torch.einsum("qhd,bkhd->bqkh", queries, keys)
-    weights = torch.softmax(logits / math.sqrt(head_dim), dim=2).reshape(batch, nq, nk * heads)
+    weights = torch.softmax(logits, dim=2).reshape(batch, nq, nk * heads)
     values = attention.v_proj(v).reshape(batch, nk, heads, head_dim)
     # W_o,h v_h + b_o / heads: each head's values in the output width, [B, nk * heads, C]; the weights of each
     # head sum to 1 over the keys, so the product adds b_o once.
