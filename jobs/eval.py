@@ -121,7 +121,7 @@ def _run_mode(prefix: str) -> str | None:
         return None
 
 
-def _load_ground_truth(path: str) -> COCO:
+def load_ground_truth(path: str) -> COCO:
     try:
         with fsspec.open(path, "r") as handle:
             dataset = json.load(handle)
@@ -315,7 +315,7 @@ def evaluate(config: EvalConfig) -> dict:
     auto: ``coco_ap`` {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}, ``predictions``,
     ``recall``, ``unmatched_per_image``, ``empty_masks`` (see `mask_figures`).
     """
-    coco = _load_ground_truth(config.ground_truth)
+    coco = load_ground_truth(config.ground_truth)
     images, annotations = _read_tables(config.outputs)
     image_of_uri = _match_images((img["image_uri"] for img in images), coco)
     if not image_of_uri:
