@@ -26,6 +26,8 @@ Modes: box (``--boxes`` prompts per image) and automatic (each ``--grids`` side:
 * host rows of object masks: random weights give speckled masks (hundreds of thousands of runs each, which no
   trained model writes), so the host ms of the annotation rows are also measured on disc-shaped masks of the
   box mode's and automatic mode's object counts (``--boxes``, ``--auto-objects``).
+* ``--compile``: the image embedding eager against ``torch.compile`` (inductor), and the first compiled
+  call's time (what each model actor pays once).
 * what travels from decode to model stage: the bytes per image of the JPEG, the decoded RGB and the RGB
   resized to the model input, and the host ms to decode and to resize (one CPU thread).
 """
@@ -259,6 +261,8 @@ def main() -> None:
                         help="objects per image of automatic mode for the object-mask host rows")
     parser.add_argument("--grids", default="32,16", help="automatic-mode grid sides, comma-separated")
     parser.add_argument("--skip-pipeline", action="store_true", help="no model stage vs bare loop")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the image embedding under torch.compile against eager")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -288,6 +292,10 @@ def main() -> None:
     boxes = [random_boxes(rng, args.boxes) for _ in range(count)]
     box_of = {id(image): b for image, b in zip(images, boxes)}
     print(json.dumps(results["transfer"]), flush=True)
+
+    if args.compile:  # before the stage clocks wrap embed_image: torch.compile sees the model's own method
+        results["compile"] = compile_gain(predictor, images[:args.batch], sync)
+        print(json.dumps(results["compile"]), flush=True)
 
     clock = StageClock(device)
     wrap(ovsam.predictor, "model_input", clock, "to device + normalise + pad", on_device=True)
@@ -328,6 +336,35 @@ def main() -> None:
                                                              args, sync)
         print(json.dumps(results["model_stage_vs_bare"]), flush=True)
     print(json.dumps(results))
+
+
+def compile_gain(predictor: ovsam.Predictor, batch: list[ResizedImage], sync, repeats: int = 3) -> dict:
+    """ms per image of `Predictor.embed_images` (the image encoder: CLIP tower, SAM2CLIP, FPN) eager and with
+    ``model.embed_image`` under ``torch.compile`` (inductor, static shapes), and the first compiled call's time."""
+    model = predictor.model
+
+    def ms_per_image() -> float:
+        sync()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            predictor.embed_images(batch)
+        sync()
+        return 1e3 * (time.perf_counter() - started) / (repeats * len(batch))
+
+    predictor.embed_images(batch)  # warm-up
+    eager_ms = ms_per_image()
+    model.embed_image = torch.compile(model.embed_image, dynamic=False)
+    try:
+        sync()
+        started = time.perf_counter()
+        predictor.embed_images(batch)
+        sync()
+        first_call_s = time.perf_counter() - started
+        compiled_ms = ms_per_image()
+    finally:
+        del model.embed_image  # the eager method again
+    return {"embed_eager_ms_per_image": eager_ms, "embed_compiled_ms_per_image": compiled_ms,
+            "eager_over_compiled": eager_ms / compiled_ms, "first_compiled_call_s": first_call_s}
 
 
 def transfer_costs(encoded: list[bytes], images: list[np.ndarray], input_size: int) -> dict:
