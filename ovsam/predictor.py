@@ -91,11 +91,15 @@ class Predictor:
     top_k: how many ranked labels each object keeps. prompt_batch_size: prompts decoded together.
     class_embeddings: precomputed [K, P, E] unit-norm embeddings of `vocabulary` (such as the release's
     class-embedding files); default: embedded with the model's CLIP text tower (cached on disk).
+    compile_encoder: run the image encoder (CLIP tower, SAM2CLIP, FPN) under ``torch.compile``: the first
+    batch waits for the compilation (about 100 s for the released architecture on a CPU), later ones run
+    faster (1.2x measured there, `benchmarks/bench_gpu.py --compile`); a new batch size compiles once more,
+    after which the batch dimension is dynamic.
     """
 
     def __init__(self, model: OVSAM, vocabulary: Vocabulary | None = None, *, top_k: int = 5,
                  prompt_batch_size: int = 64, class_embeddings: torch.Tensor | None = None,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, compile_encoder: bool = False) -> None:
         # Channels-last: the convolutions of the CLIP tower, SAM2CLIP and the FPN run faster on NHWC tensors (measured
         # on a CPU: one real-size embedding 11.2 s -> 9.6 s; cuDNN's tensor-core kernels are NHWC too). This changes
         # the strides of the model's weights in place, not their values; `save_model` writes them contiguous.
@@ -119,6 +123,7 @@ class Predictor:
         self.class_embeddings = class_embeddings.to(device)
         # Seen classes come from what the weights were trained on, not from the run's vocabulary.
         self.seen = torch.from_numpy(self.vocabulary.seen_by(model.config.seen_classes)).to(device)
+        self._compiled_embed = torch.compile(model.embed_image) if compile_encoder else None
         self._features: ImageFeatures | None = None
         self._frame: ImageFrame | None = None
 
@@ -139,7 +144,7 @@ class Predictor:
         pixels = torch.stack([model_input(image, self.model.device) for image in resized])
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self._context():
-            features = self.model.embed_image(pixels)
+            features = (self._compiled_embed or self.model.embed_image)(pixels)
         return features, [image.frame for image in resized]
 
     def set_image(self, image: np.ndarray | ResizedImage) -> None:

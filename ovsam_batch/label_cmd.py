@@ -94,13 +94,16 @@ def _parse_weights(ctx, param, values: tuple[str, ...]) -> tuple[tuple[str, str]
 @click.option("--storage-attempts", type=int, default=STORAGE_ATTEMPTS, show_default=True,
               help="Tries per storage request (reads, listings, writes) on throttling, 5xx, resets and timeouts, "
                    "with exponential backoff and jitter; e.g. 20 for a flaky store.")
+@click.option("--compile", "compile_encoder", is_flag=True,
+              help="Run the image encoder under torch.compile in each model worker: its first batch waits for the "
+                   "compilation (about 100 s for the released model on a CPU), later ones embed faster (1.2x on a CPU).")
 def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabulary: str | None, preset: str,
           weights: tuple[tuple[str, str], ...], coco: bool, address: str | None, runtime_env: str | None,
           gpus_per_worker: float,
           workers: int | None, batch_size: int, part_size: int,
           flush_interval: float, limit: int | None, endpoint_url: str | None,
           points_per_side: int, stability: float, min_area: int, nms_iou: float, max_background: float,
-          max_objects: int, top_k: int, storage_attempts: int) -> None:
+          max_objects: int, top_k: int, storage_attempts: int, compile_encoder: bool) -> None:
     """Segment and name the objects of every image in INPUT; write Parquet tables (and COCO JSON) to OUTPUT.
 
     INPUT is a local folder, a file:// or s3:// (any fsspec) prefix with an optional glob, or a manifest
@@ -123,6 +126,7 @@ def label(input_spec: str, output: str, mode: str, prompts: str | None, vocabula
             workers=workers,
             batch_size=batch_size, part_size=part_size, flush_interval=flush_interval,
             limit=limit, endpoint_url=endpoint_url, top_k=top_k, storage_attempts=storage_attempts,
+            compile=compile_encoder,
             automatic=AutomaticConfig(points_per_side=points_per_side, stability=stability, min_area=min_area,
                                       nms_iou=nms_iou, max_background=max_background, max_objects=max_objects))
     except ConfigError as err:

@@ -35,7 +35,9 @@ class LabelConfig:
     output does not hold yet (of a folder into a new output: the first N listed; otherwise any N), for trying a command. ``runtime_env``: Ray runtime_env for the run's workers
     (`load_runtime_env`). ``endpoint_url``: S3-compatible endpoint (else ``AWS_ENDPOINT_URL`` or AWS).
     ``storage_attempts``: tries per storage request (read, listing, write) before a transient fault counts as
-    outlasting the retries (`pipelines.storage.storage_options`).
+    outlasting the retries (`pipelines.storage.storage_options`). ``compile``: each model worker runs the image
+    encoder under ``torch.compile`` (`ovsam.Predictor`'s ``compile_encoder``; a speed setting: not compared on
+    resume).
     """
 
     input: str
@@ -58,6 +60,7 @@ class LabelConfig:
     automatic: AutomaticConfig = dataclasses.field(default_factory=AutomaticConfig)
     top_k: int = 5
     storage_attempts: int = STORAGE_ATTEMPTS
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

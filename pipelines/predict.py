@@ -172,7 +172,8 @@ class LabelImages:
         self.model = load_model_files(shipped.files)
         self.label_names = vocabulary.names
         self.predictor = ovsam.Predictor(self.model, vocabulary, top_k=config.top_k,
-                                         class_embeddings=torch.tensor(shipped.class_embeddings))
+                                         class_embeddings=torch.tensor(shipped.class_embeddings),
+                                         compile_encoder=config.compile)
         self.labeller = (ovsam.AutomaticLabeller(self.predictor, config.automatic)
                          if config.mode == "auto" else None)
 

@@ -189,6 +189,19 @@ def test_batched_images_match_one_at_a_time(predictor, image):
         np.testing.assert_allclose(result.topk_probs, single.topk_probs, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_image_encoder_embeds_as_the_eager_one(predictor, image):
+    compiled = ovsam.Predictor(predictor.model, predictor.vocabulary, class_embeddings=predictor.class_embeddings,
+                               compile_encoder=True)
+    images = [image, np.ascontiguousarray(image[::-1])]
+    for batch in (images, images[:1]):  # a second batch size compiles once more, then runs
+        expected, _ = predictor.embed_images(batch)
+        got, _ = compiled.embed_images(batch)
+        for want, have in zip([*expected.clip_maps, expected.embedding, *expected.fpn_maps],
+                              [*got.clip_maps, got.embedding, *got.fpn_maps], strict=True):
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+
+
 def test_point_prompts_take_clip_regions_from_the_masks(tiny, predictor, image):
     """Point prompts have no box: CLIP must see the predicted mask's box, not a prompt box."""
     predictor.set_image(image)
