@@ -8,6 +8,7 @@ bf16 autocast, on CPU in float32; always under inference mode.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -94,7 +95,8 @@ class Predictor:
     compile_encoder: run the image encoder (CLIP tower, SAM2CLIP, FPN) under ``torch.compile``: the first
     batch waits for the compilation (about 100 s for the released architecture on a CPU), later ones run
     faster (1.2x measured there, `benchmarks/bench_gpu.py --compile`); a new batch size compiles once more,
-    after which the batch dimension is dynamic.
+    after which the batch dimension is dynamic. Where compiling fails (a machine without the C++ compiler or
+    Triton that inductor needs), the encoder runs eagerly, with a warning.
     """
 
     def __init__(self, model: OVSAM, vocabulary: Vocabulary | None = None, *, top_k: int = 5,
@@ -144,8 +146,20 @@ class Predictor:
         pixels = torch.stack([model_input(image, self.model.device) for image in resized])
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self._context():
-            features = (self._compiled_embed or self.model.embed_image)(pixels)
+            features = self._embed(pixels)
         return features, [image.frame for image in resized]
+
+    def _embed(self, pixels: torch.Tensor) -> ImageFeatures:
+        if self._compiled_embed is not None:
+            try:
+                return self._compiled_embed(pixels)
+            except torch._dynamo.exc.BackendCompilerFailed as err:
+                # A compiler missing on one node must not turn a run into error rows: the eager encoder gives
+                # the same features.
+                warnings.warn(f"torch.compile of the image encoder failed, running it eagerly: "
+                              f"{type(err.inner_exception).__name__}: {err.inner_exception}", RuntimeWarning)
+                self._compiled_embed = None
+        return self.model.embed_image(pixels)
 
     def set_image(self, image: np.ndarray | ResizedImage) -> None:
         """Compute and keep the embedding of one image (as `embed_images` takes it)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -200,6 +201,24 @@ def test_compiled_image_encoder_embeds_as_the_eager_one(predictor, image):
         for want, have in zip([*expected.clip_maps, expected.embedding, *expected.fpn_maps],
                               [*got.clip_maps, got.embedding, *got.fpn_maps], strict=True):
             torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_encoder_that_cannot_be_compiled_runs_eagerly_with_a_warning(predictor, image, monkeypatch):
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no working C++ compiler found")
+
+    compile_with = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: compile_with(fn, backend=no_compiler))
+    fallback = ovsam.Predictor(predictor.model, predictor.vocabulary, class_embeddings=predictor.class_embeddings,
+                               compile_encoder=True)
+    with pytest.warns(RuntimeWarning, match="running it eagerly: RuntimeError: no working C"):
+        got, _ = fallback.embed_images([image])
+    expected, _ = predictor.embed_images([image])
+    torch.testing.assert_close(got.embedding, expected.embedding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second try, so no second warning
+        got, _ = fallback.embed_images([image])
+    torch.testing.assert_close(got.embedding, expected.embedding)
 
 
 def test_point_prompts_take_clip_regions_from_the_masks(tiny, predictor, image):
