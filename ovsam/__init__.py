@@ -7,16 +7,37 @@
     prediction = predictor.predict(boxes=boxes_xyxy)      # ... many prompts
 """
 
-from .config import OVSAMConfig, load_config, preset_names
-from .errors import OVSAMError, PromptError, VocabularyError, WeightsError
-from .automatic import AutomaticConfig, AutomaticLabeller
-from .model import OVSAM, build_model, load_model, release_state_dicts, save_model
-from .predictor import Prediction, Predictor
-from .vocabulary import Vocabulary, embed_vocabulary
+import importlib
 
-__all__ = [
-    "AutomaticConfig", "AutomaticLabeller", "Prediction", "Predictor",
-    "OVSAM", "OVSAMConfig", "OVSAMError", "PromptError", "Vocabulary", "VocabularyError", "WeightsError",
-    "build_model", "embed_vocabulary", "load_config", "load_model", "preset_names", "release_state_dicts",
-    "save_model",
-]
+# The module of each public name, imported on first use: a process that needs only the light modules (image
+# decoding, URL redaction, configs: the pipeline's input, decode and writer workers) then never imports
+# open_clip, segment_anything and torchvision (3 s of CPU per process, paid by every such Ray worker of a run).
+_HOMES = {
+    "AutomaticConfig": "config", "OVSAMConfig": "config", "load_config": "config", "preset_names": "config",
+    "OVSAMError": "errors", "PromptError": "errors", "VocabularyError": "errors", "WeightsError": "errors",
+    "AutomaticLabeller": "automatic",
+    "OVSAM": "model", "build_model": "model", "load_model": "model", "release_state_dicts": "model",
+    "save_model": "model",
+    "Prediction": "predictor", "Predictor": "predictor",
+    "Vocabulary": "vocabulary", "embed_vocabulary": "vocabulary",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    else:  # a submodule, e.g. `ovsam.config` after a bare `import ovsam`
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

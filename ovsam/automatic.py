@@ -17,7 +17,6 @@ Candidates are then kept in order of cost:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from segment_anything.utils.amg import build_point_grid, calculate_stability_score
 
 from .clip2sam import MASK_LOGIT_THRESHOLD, HeadOutput, classify
+from .config import AutomaticConfig
 from .model import ImageFeatures
 from .predictor import Prediction, Predictor
 from .transforms import ImageFrame, ResizedImage, upscale_masks
@@ -36,43 +36,6 @@ from .transforms import ImageFrame, ResizedImage, upscale_masks
 STABILITY_OFFSET = 1.0
 # Candidate masks upscaled to full resolution at a time to measure their stored area: bounds memory.
 AREA_CHUNK = 16
-
-
-@dataclass(frozen=True)
-class AutomaticConfig:
-    """Settings of automatic mode (the `label` options of the same names).
-
-    points_per_side: grid of points_per_side^2 prompts. stability: minimum stability score on the low-res
-    logits. min_area: minimum mask area in pixels of the stored (original-resolution) mask; an empty mask
-    is never kept. nms_iou: a mask overlapping a better one by more mask IoU than this is a duplicate; a
-    mask lying inside a better one for more than this share of its own area is a fragment of it.
-    max_background: drop masks the head calls background with a probability above this. min_score: minimum
-    probability of the label. max_objects: keep at most this many per image, the best first.
-    """
-
-    points_per_side: int = 32  # SAM's default grid, 32 x 32 = 1024 prompts per image
-    points_per_batch: int = 64  # prompts decoded together
-    stability: float = 0.85  # chosen on the shapes recipe's validation seed (README, automatic mode)
-    min_area: int = 16
-    nms_iou: float = 0.5
-    max_background: float = 0.5
-    min_score: float = 0.0
-    max_objects: int = 100
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("points_per_side", self.points_per_side >= 1, "at least 1"),
-            ("points_per_batch", self.points_per_batch >= 1, "at least 1"),
-            ("stability", 0.0 <= self.stability <= 1.0, "in [0, 1]"),
-            ("min_area", self.min_area >= 1, "at least 1 pixel (an empty mask is never an object)"),
-            ("nms_iou", 0.0 < self.nms_iou <= 1.0, "in (0, 1]"),
-            ("max_background", 0.0 <= self.max_background <= 1.0, "in [0, 1]"),
-            ("min_score", 0.0 <= self.min_score <= 1.0, "in [0, 1]"),
-            ("max_objects", self.max_objects >= 1, "at least 1"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"automatic mode: {name} must be {rule}, got {getattr(self, name)!r}")
 
 
 class AutomaticLabeller:

@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from ovsam.automatic import AutomaticConfig
+from ovsam.config import AutomaticConfig
 from pipelines.config import MODES, ConfigError, LabelConfig, load_runtime_env
 from pipelines.storage import STORAGE_ATTEMPTS
 

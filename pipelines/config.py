@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ovsam.automatic import AutomaticConfig
+from ovsam.config import AutomaticConfig
 from ovsam.redaction import redact_uri
 from pipelines.storage import STORAGE_ATTEMPTS, nested_location
 
