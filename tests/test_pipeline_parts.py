@@ -367,3 +367,15 @@ def test_model_stage_calls_running_at_once_give_the_rows_of_calls_one_after_anot
         assert deserialize(other["annotations"][0]).equals(deserialize(one["annotations"][0]))
     distinct = {str(deserialize(o["annotations"][0]).column("bbox").to_pylist()) for o in alone}
     assert len(distinct) == len(alone)  # the batches' rows differ, so a mix-up between the threads would show
+
+
+def test_the_input_decode_and_writer_workers_do_not_import_the_model_libraries():
+    # Each of these stages is a fresh process per run: importing open_clip, segment_anything and torchvision
+    # there would add seconds of start-up to every run.
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines.inputs, pipelines.decode, pipelines.output; "
+            "print(','.join(m for m in ('open_clip', 'segment_anything', 'torchvision') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
